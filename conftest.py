@@ -1,0 +1,1 @@
+"""Lets pytest import the top-level packages (model, dataloader, utils) from the repo root."""

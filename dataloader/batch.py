@@ -1,0 +1,49 @@
+"""The batch a loader yields: sequence-first, zero-padded, as the reference code lays it out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One batch of B dialogues padded to T utterances (SPEC §2).
+
+    text:    [4, T, B, 1024]  the four RoBERTa layers r1..r4, stacked
+    audio:   [T, B, Da]
+    visual:  [T, B, Dv]
+    qmask:   [T, B, S]        speaker one-hot
+    umask:   [B, T]           1.0 for real utterances, 0.0 for padding
+    labels:  [B, T]           long, 0 at padding
+    lengths: [B]              long, utterances per dialogue (always on the CPU)
+    ids:     dialogue ids, in batch order
+    """
+
+    text: torch.Tensor
+    audio: torch.Tensor
+    visual: torch.Tensor
+    qmask: torch.Tensor
+    umask: torch.Tensor
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    ids: list
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            keep_on_cpu = f.name in ("lengths", "ids")
+            moved[f.name] = value if keep_on_cpu else value.to(device, non_blocking=non_blocking)
+        return Batch(**moved)
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True)."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory()
+                        if f.name not in ("lengths", "ids") else getattr(self, f.name)
+                        for f in fields(self)})
+
+    @property
+    def valid_labels(self) -> torch.Tensor:
+        """Labels of the real utterances, dialogue after dialogue: [N]."""
+        return self.labels[self.umask.bool()]

@@ -1,0 +1,424 @@
+"""Synthetic IEMOCAP / MELD feature pickles with the public layouts (SPEC §2).
+
+    python -m dataloader.synthetic --Dataset IEMOCAP|MELD --out DIR [--scale F] [--seed N]
+    python -m dataloader.synthetic --probe --Dataset IEMOCAP|MELD --data-dir DIR
+
+The real features sit behind a licence, so tests, benchmarks and smoke runs use these files.
+How the data is made:
+
+* dialogues: lengths drawn from a gamma law clipped to the real range, then nudged so the
+  utterance totals match the real ones exactly at --scale 1; speakers take turns;
+* emotions persist: each dialogue has a mood (the class prior pulled towards one class) and
+  each speaker keeps their previous emotion with high probability, else draws from the mood;
+  over many dialogues class frequencies follow the real priors;
+* features: per modality, a class prototype plus unit Gaussian noise in a small latent space,
+  embedded in the feature space by a random projection, plus nuisance directions (content,
+  speaker identity) and per-dimension noise, scale and offset, so vectors look like features
+  rather than one-hot codes. Modality imbalance is built in: text has the strongest
+  prototypes but blurs some class pairs (IEMOCAP hap/exc and ang/fru, MELD joy/surprise and
+  anger/disgust); audio is weaker but carries an arousal axis that separates those pairs;
+  visual is weakest. The four RoBERTa layers are noisy views of one text vector.
+
+Same seed, same bytes: one numpy Generator drawn in a fixed order, dicts filled in a fixed
+order, pickle protocol 4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import DATASETS, TEXT_DIM, VISUAL_DIM, DataError, DatasetInfo, load_conversations
+
+PICKLE_PROTOCOL = 4
+LATENT_DIM = 12      # signal subspace of each modality
+NUISANCE_DIM = 16    # label-free structure (content, speaker identity)
+UTTERANCE_NUISANCE = 2.0
+SPEAKER_NUISANCE = 0.5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Size, dialogue statistics and signal strengths of one synthetic dataset."""
+
+    n_train: int            # train dialogues, dev included (MELD's trainVid holds train+dev)
+    n_test: int
+    dev_frac: float         # share of train listed as validIds in the RoBERTa pickle
+    utt_train: int
+    utt_test: int
+    min_len: int
+    max_len: int
+    len_shape: float        # gamma shape of dialogue lengths (small: many short dialogues)
+    priors: tuple[float, ...]
+    switch_prob: float      # next utterance is by another speaker
+    max_participants: int
+    stay_prob: float        # a speaker keeps their previous emotion
+    ambiguity: float        # share of utterances expressed (in every modality) as another class
+    mood_weight: float      # how far a dialogue's mood leans to one class
+    glove_dim: int          # videoText width (unused by the model, present in the files)
+    arousal: tuple[float, ...]           # per class, read by audio
+    blur_pairs: tuple[tuple[int, int], ...]  # classes text hardly tells apart
+    text_blur: float        # 0: pair merged in text, 1: as distinct as other classes
+    text_strength: float    # prototype norms in the latent space (noise std is 1)
+    audio_strength: float
+    arousal_strength: float
+    visual_strength: float
+
+
+RECIPES: dict[str, Recipe] = {
+    "IEMOCAP": Recipe(
+        n_train=120, n_test=31, dev_frac=0.1, utt_train=5810, utt_test=1623,
+        min_len=8, max_len=110, len_shape=5.0,
+        priors=(0.087, 0.144, 0.228, 0.161, 0.128, 0.253),
+        switch_prob=0.85, max_participants=2, stay_prob=0.8, ambiguity=0.3, mood_weight=0.5,
+        glove_dim=100,
+        #        hap   sad   neu   ang   exc   fru
+        arousal=(-0.6, -1.0, 0.0, 1.0, 1.0, 0.0),
+        blur_pairs=((0, 4), (3, 5)), text_blur=0.3,
+        text_strength=4.0, audio_strength=1.2, arousal_strength=1.8, visual_strength=0.9),
+    "MELD": Recipe(
+        n_train=1153, n_test=280, dev_frac=114 / 1153, utt_train=11098, utt_test=2610,
+        min_len=1, max_len=33, len_shape=2.0,
+        priors=(0.47, 0.12, 0.03, 0.07, 0.17, 0.03, 0.11),
+        switch_prob=0.8, max_participants=9, stay_prob=0.5, ambiguity=0.3, mood_weight=0.3,
+        glove_dim=600,
+        #        neu  sur  fear  sad  joy   dis  ang
+        arousal=(0.0, 1.0, 0.5, -1.0, 0.2, -0.4, 1.0),
+        blur_pairs=((4, 1), (6, 5)), text_blur=0.3,
+        text_strength=3.0, audio_strength=1.0, arousal_strength=1.5, visual_strength=0.8),
+}
+
+
+@dataclass
+class _Layout:
+    """Dialogue structure before features: ids, speakers (slot index), labels, split ids."""
+
+    ids: list
+    speakers: list[np.ndarray]
+    labels: list[np.ndarray]
+    train_ids: list
+    test_ids: list
+    dev_ids: list
+
+
+def generate(dataset: str, out_dir: str | Path, scale: float = 1.0, seed: int = 0) -> Path:
+    """Write both pickles of `dataset` under out_dir/<Dataset>_features/; return that folder."""
+    if dataset not in RECIPES:
+        raise DataError(f"unknown dataset {dataset!r}: expected one of {', '.join(RECIPES)}")
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    info, recipe = DATASETS[dataset], RECIPES[dataset]
+    rng = np.random.default_rng(seed)
+    layout = _layout(info, recipe, scale, rng)
+    features = _features(info, recipe, layout, rng)
+    folder = Path(out_dir) / info.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = _iemocap_tuples if dataset == "IEMOCAP" else _meld_tuples
+    feature_tuple, roberta_tuple = writer(layout, features, rng)
+    _dump(feature_tuple, folder / info.feature_file)
+    _dump(roberta_tuple, folder / info.roberta_file)
+    return folder
+
+
+# ---------------------------------------------------------------- dialogue structure
+
+def _layout(info: DatasetInfo, recipe: Recipe, scale: float, rng: np.random.Generator) -> _Layout:
+    n_train = max(2, round(recipe.n_train * scale))
+    n_test = max(1, round(recipe.n_test * scale))
+    lengths = np.concatenate([
+        _lengths(n_train, recipe.utt_train / recipe.n_train, recipe, rng),
+        _lengths(n_test, recipe.utt_test / recipe.n_test, recipe, rng)])
+    ids = _dialogue_ids(info.name, n_train, n_test)
+    speakers = [_turns(int(n), recipe, rng) for n in lengths]
+    labels = [_emotions(s, recipe, rng) for s in speakers]
+    train_ids, test_ids = ids[:n_train], ids[n_train:]
+    n_dev = round(recipe.dev_frac * n_train)
+    if info.name == "IEMOCAP":
+        # Real split lists are in no particular order; shuffling makes "file order" testable.
+        train_ids = [train_ids[i] for i in rng.permutation(n_train)]
+        test_ids = [test_ids[i] for i in rng.permutation(n_test)]
+    return _Layout(ids=ids, speakers=speakers, labels=labels, train_ids=train_ids,
+                   test_ids=test_ids, dev_ids=train_ids[n_train - n_dev:] if n_dev else [])
+
+
+def _lengths(count: int, mean: float, recipe: Recipe, rng: np.random.Generator) -> np.ndarray:
+    """Dialogue lengths with the given mean, clipped to the real range; exact total."""
+    lo, hi = recipe.min_len, recipe.max_len
+    total = int(np.clip(round(mean * count), lo * count, hi * count))
+    draw = rng.gamma(recipe.len_shape, mean / recipe.len_shape, size=count)
+    lengths = np.clip(np.rint(draw), lo, hi).astype(np.int64)
+    # Nudge random dialogues by one utterance until the total is exact (the real sizes).
+    while (diff := total - int(lengths.sum())) != 0:
+        step = 1 if diff > 0 else -1
+        room = np.flatnonzero(lengths < hi) if step > 0 else np.flatnonzero(lengths > lo)
+        pick = rng.choice(room, size=min(abs(diff), len(room)), replace=False)
+        lengths[pick] += step
+    return lengths
+
+
+def _dialogue_ids(dataset: str, n_train: int, n_test: int) -> list:
+    if dataset == "MELD":
+        return list(range(n_train + n_test))
+    # IEMOCAP names: sessions 1-4 are train, session 5 is test, as in the real split.
+    def name(session: int, i: int) -> str:
+        return f"Ses{session:02d}{'FM'[i % 2]}_{('impro', 'script')[i // 2 % 2]}{i // 4 + 1:02d}"
+    train = [name(1 + i % 4, i // 4) for i in range(n_train)]
+    return train + [name(5, i) for i in range(n_test)]
+
+
+def _turns(n: int, recipe: Recipe, rng: np.random.Generator) -> np.ndarray:
+    """Speaker slot of each utterance: mostly alternating among the dialogue's participants."""
+    participants = int(min(n, recipe.max_participants, 2 + rng.poisson(0.6)))
+    turns = np.zeros(n, dtype=np.int64)
+    turns[0] = rng.integers(participants)
+    switches = rng.random(n) < recipe.switch_prob
+    others = rng.integers(1, max(participants, 2), size=n)
+    for j in range(1, n):
+        turns[j] = (turns[j - 1] + others[j]) % participants if switches[j] else turns[j - 1]
+    return turns
+
+
+def _emotions(turns: np.ndarray, recipe: Recipe, rng: np.random.Generator) -> np.ndarray:
+    """Emotion labels: a per-speaker Markov chain whose fresh draws follow the dialogue mood."""
+    priors = np.asarray(recipe.priors) / sum(recipe.priors)
+    mood = (1 - recipe.mood_weight) * priors
+    mood[rng.choice(len(priors), p=priors)] += recipe.mood_weight
+    fresh = rng.choice(len(priors), size=len(turns), p=mood)
+    stay = rng.random(len(turns)) < recipe.stay_prob
+    last: dict[int, int] = {}
+    labels = np.empty(len(turns), dtype=np.int64)
+    for j, speaker in enumerate(turns.tolist()):
+        labels[j] = last[speaker] if speaker in last and stay[j] else fresh[j]
+        last[speaker] = int(labels[j])
+    return labels
+
+
+# ---------------------------------------------------------------- features
+
+def _features(info: DatasetInfo, recipe: Recipe, layout: _Layout,
+              rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """All utterances' features, dialogues concatenated in layout order."""
+    labels = np.concatenate(layout.labels)
+    # Speaker identity is shared by all utterances of one speaker in one dialogue.
+    groups = np.concatenate([k * recipe.max_participants + s
+                             for k, s in enumerate(layout.speakers)])
+    text_proto, audio_proto, visual_proto = _prototypes(recipe, info.n_classes, rng)
+    # Some utterances come across as another emotion in every modality (annotators disagree
+    # on IEMOCAP/MELD too): this caps what fusing modalities can gain over text alone.
+    priors = np.asarray(recipe.priors) / sum(recipe.priors)
+    shown = np.where(rng.random(len(labels)) < recipe.ambiguity,
+                     rng.choice(len(priors), size=len(labels), p=priors), labels)
+
+    text_latent = text_proto[shown] + rng.standard_normal((len(labels), LATENT_DIM))
+    text = _embed(rng, text_latent, TEXT_DIM, noise=0.2, nuisance=_nuisance(rng, len(labels)))
+    # Each RoBERTa layer: the shared text vector plus its own noise (deeper = cleaner).
+    layers = [text + rng.standard_normal(text.shape, dtype=np.float32) * np.float32(sd)
+              for sd in (0.4, 0.35, 0.3, 0.25)]
+    glove = _embed(rng, text_latent, recipe.glove_dim, noise=2.0)
+    audio = _embed(rng, audio_proto[shown] + rng.standard_normal((len(labels), LATENT_DIM)),
+                   info.audio_dim, noise=0.3, nuisance=_nuisance(rng, len(labels), groups),
+                   affine=True)
+    visual = _embed(rng, visual_proto[shown] + rng.standard_normal((len(labels), LATENT_DIM)),
+                    VISUAL_DIM, noise=0.3, nuisance=_nuisance(rng, len(labels), groups),
+                    affine=True)
+    return {"roberta": layers, "glove": glove, "audio": audio, "visual": visual}
+
+
+def _prototypes(recipe: Recipe, n_classes: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class means [C, LATENT_DIM] of text, audio and visual (the latent noise std is 1)."""
+    text = recipe.text_strength * _unit_rows(rng, n_classes)
+    for a, b in recipe.blur_pairs:
+        text[b] = text[a] + recipe.text_blur * (text[b] - text[a])
+    audio = (recipe.audio_strength * _unit_rows(rng, n_classes)
+             + recipe.arousal_strength * np.outer(recipe.arousal, _unit_rows(rng, 1)[0]))
+    visual = recipe.visual_strength * _unit_rows(rng, n_classes)
+    return text, audio, visual
+
+
+def _unit_rows(rng: np.random.Generator, rows: int) -> np.ndarray:
+    v = rng.standard_normal((rows, LATENT_DIM))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _nuisance(rng: np.random.Generator, rows: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Label-free latent structure larger than the signal, as in real features.
+
+    With `groups` (speaker of each utterance, per dialogue) part of it is a speaker identity
+    shared by that speaker's utterances; since emotions persist, it is a confound to overfit.
+    """
+    out = UTTERANCE_NUISANCE * rng.standard_normal((rows, NUISANCE_DIM))
+    if groups is not None:
+        out += SPEAKER_NUISANCE * rng.standard_normal((groups.max() + 1, NUISANCE_DIM))[groups]
+    return out
+
+
+def _embed(rng: np.random.Generator, latent: np.ndarray, dim: int, noise: float,
+           nuisance: np.ndarray | None = None, affine: bool = False) -> np.ndarray:
+    """Random linear embedding of latent (+ nuisance) into `dim` features plus Gaussian noise."""
+    n, k = latent.shape
+    out = latent.astype(np.float32) @ (rng.standard_normal((k, dim), dtype=np.float32)
+                                       / np.float32(np.sqrt(k)))
+    if nuisance is not None:
+        out += nuisance.astype(np.float32) @ (rng.standard_normal((nuisance.shape[1], dim),
+                                                                  dtype=np.float32)
+                                              / np.float32(np.sqrt(nuisance.shape[1])))
+    out += rng.standard_normal((n, dim), dtype=np.float32) * np.float32(noise)
+    if affine:
+        # Hand-crafted acoustic/face descriptors have per-dimension scales and offsets.
+        out *= np.exp(0.5 * rng.standard_normal(dim)).astype(np.float32)
+        out += rng.standard_normal(dim).astype(np.float32)
+    return out
+
+
+# ---------------------------------------------------------------- public tuple layouts
+
+def _per_dialogue(layout: _Layout, block: np.ndarray, as_rows: bool) -> dict:
+    """Split an utterance block by dialogue: {id: [vector, ...]} or {id: (n, d) array}."""
+    out, start = {}, 0
+    for vid, labels in zip(layout.ids, layout.labels):
+        part = block[start:start + len(labels)]
+        out[vid] = list(part) if as_rows else part
+        start += len(labels)
+    return out
+
+
+def _iemocap_tuples(layout: _Layout, feats: dict, rng: np.random.Generator) -> tuple[tuple, tuple]:
+    speakers = {vid: ["MF"[s] for s in turns.tolist()]
+                for vid, turns in zip(layout.ids, layout.speakers)}
+    labels = {vid: lab.tolist() for vid, lab in zip(layout.ids, layout.labels)}
+    utt_ids = {vid: [f"{vid}_{spk}{j:03d}" for j, spk in enumerate(speakers[vid])]
+               for vid in layout.ids}
+    sentences = _sentences(layout)
+    feature_tuple = (utt_ids, speakers, labels,
+                     _per_dialogue(layout, feats["glove"], as_rows=True),
+                     _per_dialogue(layout, feats["audio"], as_rows=True),
+                     _per_dialogue(layout, feats["visual"], as_rows=True),
+                     sentences, layout.train_ids, layout.test_ids)
+    dev = set(layout.dev_ids)
+    roberta_tuple = (speakers, labels,
+                     *[_per_dialogue(layout, r, as_rows=False) for r in feats["roberta"]],
+                     sentences, [v for v in layout.train_ids if v not in dev], layout.test_ids,
+                     layout.dev_ids)
+    return feature_tuple, roberta_tuple
+
+
+def _meld_tuples(layout: _Layout, feats: dict, rng: np.random.Generator) -> tuple[tuple, tuple]:
+    eye = np.eye(DATASETS["MELD"].n_speakers, dtype=np.int64)
+    speakers = {vid: eye[turns].tolist() for vid, turns in zip(layout.ids, layout.speakers)}
+    labels = {vid: lab.tolist() for vid, lab in zip(layout.ids, layout.labels)}
+    # Sentiment (0 neutral, 1 positive, 2 negative) follows the emotion; surprise goes either way.
+    sentiment_of = np.array([0, 1, 2, 2, 1, 2, 2])
+    sentiment = {}
+    for vid, lab in zip(layout.ids, layout.labels):
+        value = sentiment_of[lab]
+        value[lab == 1] = rng.integers(1, 3, size=int((lab == 1).sum()))
+        sentiment[vid] = value.tolist()
+    utt_ids = {vid: list(range(len(lab))) for vid, lab in zip(layout.ids, layout.labels)}
+    sentences = _sentences(layout)
+    feature_tuple = (utt_ids, speakers, labels,
+                     _per_dialogue(layout, feats["glove"], as_rows=True),
+                     _per_dialogue(layout, feats["audio"], as_rows=True),
+                     _per_dialogue(layout, feats["visual"], as_rows=True),
+                     sentences, layout.train_ids, layout.test_ids, sentiment)
+    dev = set(layout.dev_ids)
+    roberta_tuple = (speakers, labels, sentiment,
+                     *[_per_dialogue(layout, r, as_rows=False) for r in feats["roberta"]],
+                     sentences, [v for v in layout.train_ids if v not in dev], layout.test_ids,
+                     layout.dev_ids)
+    return feature_tuple, roberta_tuple
+
+
+def _sentences(layout: _Layout) -> dict:
+    return {vid: [f"synthetic utterance {j + 1} of dialogue {vid}" for j in range(len(lab))]
+            for vid, lab in zip(layout.ids, layout.labels)}
+
+
+def _dump(value: tuple, path: Path) -> None:
+    """Pickle atomically, so an interrupted run never leaves a truncated file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(value, f, protocol=PICKLE_PROTOCOL)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- modality-imbalance probe
+
+def probe(dataset: str, data_dir: str | Path) -> dict[str, float]:
+    """Test weighted F1 of a per-utterance logistic regression on each modality and on all three.
+
+    Text is the mean of the four RoBERTa layers; features are standardised on train. A quick
+    check that the data has the intended imbalance (text > audio > visual, all > text).
+    """
+    # sklearn is only needed here; importing it lazily keeps generation fast to start.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    conversations = load_conversations(dataset, data_dir)
+
+    def modalities(split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        dialogues = conversations.splits[split]
+        feats = {"text": np.concatenate([d.text.mean(axis=1) for d in dialogues]),
+                 "audio": np.concatenate([d.audio for d in dialogues]),
+                 "visual": np.concatenate([d.visual for d in dialogues])}
+        feats["all"] = np.concatenate(list(feats.values()), axis=1)
+        return feats, np.concatenate([d.labels for d in dialogues])
+
+    (train, y_train), (test, y_test) = modalities("train"), modalities("test")
+    scores = {}
+    for name in train:
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.001, max_iter=500))
+        model.fit(train[name], y_train)
+        scores[name] = float(f1_score(y_test, model.predict(test[name]), average="weighted"))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dataloader.synthetic", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--Dataset", required=True, choices=sorted(RECIPES))
+    parser.add_argument("--out", help="folder that receives <Dataset>_features/")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply the real dialogue counts (default 1: real size)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe", action="store_true",
+                        help="instead of generating, score per-modality logistic regressions "
+                             "on the data in --data-dir")
+    parser.add_argument("--data-dir", help="with --probe: folder holding <Dataset>_features/")
+    parser.add_argument("--json", action="store_true", help="with --probe: print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        if args.probe:
+            if not args.data_dir:
+                parser.error("--probe needs --data-dir")
+            scores = probe(args.Dataset, args.data_dir)
+            if args.json:
+                print(json.dumps({"dataset": args.Dataset, "weighted_f1": scores}))
+            else:
+                for name, value in scores.items():
+                    print(f"{args.Dataset} {name:<7} test weighted F1 {value:.4f}")
+            return 0
+        if not args.out:
+            parser.error("--out is required (or use --probe --data-dir DIR)")
+        if not args.scale > 0:
+            parser.error(f"--scale must be positive, got {args.scale}")
+        start = time.perf_counter()
+        folder = generate(args.Dataset, args.out, scale=args.scale, seed=args.seed)
+        print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
+        return 0
+    except (DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Loading M3Net state_dicts and our own checkpoints; writing checkpoints atomically."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.m3net import M3Net
+from utils.errors import UserError
+
+# Keys the M3Net checkpoint carries for modules its forward never reads.
+IGNORED_KEY = re.compile(
+    r"^(graph_model\.hyperconv\d+\.(weight|edgeweight|edgefc\..*)"
+    r"|graph_model\.hyperedge_attr[12]|hidfc\..*)$")
+HEAD_KEY = re.compile(r"^head_[avl]\.")
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file: ours ({'model': state, ...}) or a raw M3Net state_dict.
+
+    Returns a dict with at least 'model' (the state_dict); our own fields are kept as saved.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a non-torch file, a pickle of arbitrary objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({first})") from None
+    if isinstance(payload, dict) and "model" in payload and isinstance(payload["model"], dict):
+        return payload
+    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        state = {k.removeprefix("module."): v for k, v in payload.items()}   # also DataParallel saves
+        return {"model": state}
+    raise CheckpointError(f"checkpoint {path}: neither a state_dict nor a checkpoint of this project")
+
+
+def _flags_of_state(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """What a state_dict says about the flags it was trained with (only what its keys reveal)."""
+    keys = " ".join(state)
+    flags = {
+        "--num_L": str(len(set(re.findall(r"graph_model\.hyperconv(\d+)\.bias", keys)))),
+        "--num_K": str(len(set(re.findall(r"graph_model\.conv(\d+)\.gate\.weight", keys)))),
+    }
+    for prefix, base in (("gru", "GRU"), ("lstm", "LSTM"), ("trans", "Transformer")):
+        if f"{prefix}_l." in keys:
+            flags["--base-model"] = base
+    flags["--av_using_lstm"] = "on" if re.search(r"(gru|lstm)_[av]\.", keys) else "off"
+    if "smax_fc.weight" in state:
+        flags["classes (--Dataset)"] = str(state["smax_fc.weight"].shape[0])
+    if "graph_model.speaker_embeddings.weight" in state:
+        flags["speakers (--Dataset)"] = str(state["graph_model.speaker_embeddings.weight"].shape[0])
+    return flags
+
+
+def _hint(state: dict[str, torch.Tensor], model: M3Net) -> str:
+    """The flags whose values differ between the checkpoint and the model built from the command line."""
+    ours, theirs = _flags_of_state(model.state_dict()), _flags_of_state(state)
+    differ = [f"{k} {theirs[k]}" for k in theirs if k in ours and theirs[k] != ours[k]]
+    if differ:
+        return "the checkpoint needs " + ", ".join(differ)
+    return "check --modals, --use_residue and --Dataset"
+
+
+def load_model_state(model: M3Net, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load a state_dict into `model`; returns the parameters it left freshly initialised (the DGS heads).
+
+    Keys M3Net carries but never reads are ignored; anything else that does not fit is a
+    CheckpointError naming the keys and the flag that would fix it.
+    """
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not IGNORED_KEY.match(k)}
+    missing = [k for k in own if k not in state and not HEAD_KEY.match(k)]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                 for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+    if misshapen:
+        problems.append(f"shape {', '.join(misshapen[:3])}")
+    if problems:
+        keys = "; ".join(problems)
+        raise CheckpointError(f"checkpoint does not fit the model: {keys} ({_hint(state, model)})")
+    fresh = [k for k in own if k not in state]
+    model.load_state_dict(state, strict=False)
+    return fresh
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,184 @@
+"""The conversation graph of M3Net and its two operators, in plain torch (SPEC §3 steps 4-6).
+
+Layout. Node features live in a padded block `x[..., B, M, T, H]`: dialogue b, modality m
+(present modalities in the order l, a, v), utterance t. The reference flattens the valid nodes
+dialogue after dialogue as `[l_1..l_n, a_1..a_n, v_1..v_n]`; node (b, m, t) has that flat index
+`node_offset[b] + m * n_b + t`, which is what the positional weights are looked up with.
+Padded positions carry whatever the encoders produced there; every operator masks them out as
+sources, and `DialogueGraph.gather_utterances` drops them from the output. Leading dimensions
+(`...`) batch several coalitions through one pass.
+
+Hyperedges per dialogue, globally numbered in this order: one per modality (its n nodes), then
+one per utterance t (its M nodes). High-frequency edges: every ordered pair of distinct nodes of
+one modality, and every ordered pair among the M nodes of one utterance.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import UserError
+
+# Sizes of M3Net's positional weight tables (fixed by its checkpoint).
+HYPEREDGE_CAPACITY = 1000
+NODE_CAPACITY = 5200
+
+
+class GraphCapacityError(UserError):
+    """A batch needs more hyperedges or nodes than M3Net's positional weight tables hold."""
+
+
+def _inverse_or_zero(z: torch.Tensor) -> torch.Tensor:
+    """1/z with 1/0 := 0, the reference's convention for empty degrees."""
+    return torch.where(z == 0, torch.zeros_like(z), 1.0 / z)
+
+
+@dataclass(frozen=True)
+class DialogueGraph:
+    """Index tensors of one batch shape: a tuple of dialogue lengths and a modality count."""
+
+    lengths: tuple[int, ...]
+    n_modalities: int
+    valid: torch.Tensor               # [B, T] bool
+    node_ids: torch.Tensor            # [B, M, T] flat node index (0 at padding)
+    modality_edge_ids: torch.Tensor   # [B, M] hyperedge index of (dialogue, modality)
+    utterance_edge_ids: torch.Tensor  # [B, T] hyperedge index of (dialogue, utterance) (0 at padding)
+    high_freq_norm: torch.Tensor      # [B] deg^-1/2 · deg^-1/2 (0 where a node has no edge)
+    flat_valid: torch.Tensor          # [N] positions b*T + t of the real utterances
+
+    @property
+    def n_nodes(self) -> int:
+        return self.n_modalities * sum(self.lengths)
+
+    @property
+    def n_hyperedges(self) -> int:
+        return sum(self.lengths) + self.n_modalities * len(self.lengths)
+
+    def gather_utterances(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., B, T, D] -> [..., N, D]: real utterances, dialogue after dialogue."""
+        lead, (b, t, d) = x.shape[:-3], x.shape[-3:]
+        return x.reshape(*lead, b * t, d).index_select(-2, self.flat_valid)
+
+    def incidence(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explicit (node, hyperedge) incidence list in the reference's order.
+
+        Per dialogue: the modality hyperedges' members (modality after modality), then each
+        utterance hyperedge's members. Not used by the operators (they work blockwise); it
+        documents the structure and lets tests compare against a scatter implementation.
+        """
+        nodes, edges = [], []
+        for b, n in enumerate(self.lengths):
+            ids = self.node_ids[b, :, :n].cpu()
+            for m in range(self.n_modalities):
+                nodes.append(ids[m])
+                edges.append(self.modality_edge_ids[b, m].cpu().expand(n))
+            nodes.append(ids.t().reshape(-1))
+            edges.append(self.utterance_edge_ids[b, :n].cpu().repeat_interleave(self.n_modalities))
+        return torch.cat(nodes), torch.cat(edges)
+
+
+@functools.lru_cache(maxsize=512)
+def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.device) -> DialogueGraph:
+    """Index structure for dialogues of these lengths, built once per batch shape and device."""
+    n_dialogues, max_len = len(lengths), max(lengths)
+    n_utterances = sum(lengths)
+    n_nodes = n_modalities * n_utterances
+    n_edges = n_utterances + n_modalities * n_dialogues
+    if n_edges > HYPEREDGE_CAPACITY or n_nodes > NODE_CAPACITY:
+        raise GraphCapacityError(
+            f"a batch of {n_dialogues} dialogues ({n_utterances} utterances) needs {n_edges} hyperedges "
+            f"and {n_nodes} nodes, but M3Net's weight tables hold {HYPEREDGE_CAPACITY} and {NODE_CAPACITY}: "
+            f"use a smaller --batch-size")
+    length = torch.tensor(lengths)
+    t = torch.arange(max_len)
+    valid = t[None, :] < length[:, None]
+    utterance_offset = torch.cumsum(length, 0) - length                   # utterances before dialogue b
+    node_offset = n_modalities * utterance_offset
+    node_ids = node_offset[:, None, None] + torch.arange(n_modalities)[None, :, None] * length[:, None, None] + t
+    node_ids = torch.where(valid[:, None, :], node_ids, torch.zeros_like(node_ids))
+    edge_offset = utterance_offset + n_modalities * torch.arange(n_dialogues)
+    modality_edge_ids = edge_offset[:, None] + torch.arange(n_modalities)
+    utterance_edge_ids = torch.where(valid, edge_offset[:, None] + n_modalities + t, torch.zeros_like(valid, dtype=torch.long))
+    degree = (length - 1 + n_modalities - 1).float()
+    inv_sqrt = torch.where(degree > 0, degree.pow(-0.5), torch.zeros_like(degree))
+    flat_valid = (torch.arange(n_dialogues)[:, None] * max_len + t)[valid]
+    return DialogueGraph(
+        lengths=lengths, n_modalities=n_modalities,
+        valid=valid.to(device), node_ids=node_ids.to(device),
+        modality_edge_ids=modality_edge_ids.to(device), utterance_edge_ids=utterance_edge_ids.to(device),
+        high_freq_norm=(inv_sqrt * inv_sqrt).to(device), flat_valid=flat_valid.to(device),
+    )
+
+
+class HypergraphConv(nn.Module):
+    r"""One hypergraph propagation step of M3Net (no feature transform: its weight is never read).
+
+    .. math::
+        m_e = B_e^{-1} \sum_{v \in e} x_v, \qquad
+        x'_v = \mathrm{LeakyReLU}\Big(D_v^{-1} \sum_{e \ni v} m_e + b\Big)
+
+    with positional weights :math:`w_e` = ``hyperedge_weight[e]`` and :math:`\omega_v` =
+    ``node_weight[v]``, :math:`D_v = \sum_{e \ni v} w_e`, :math:`B_e = \sum_{v \in e} \omega_v`,
+    1/0 := 0, LeakyReLU slope 0.01. Each node lies in exactly two hyperedges (its modality's and
+    its utterance's), so both sums are dense reductions over the padded block.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, graph: DialogueGraph,
+                hyperedge_weight: torch.Tensor, node_weight: torch.Tensor) -> torch.Tensor:
+        valid = graph.valid[:, None, :]                                         # [B, 1, T]
+        omega = torch.where(valid, node_weight[graph.node_ids], torch.zeros((), device=x.device))  # [B, M, T]
+        w_modality = hyperedge_weight[graph.modality_edge_ids]                  # [B, M]
+        w_utterance = hyperedge_weight[graph.utterance_edge_ids]                # [B, T]
+
+        x = x.masked_fill(~valid[..., None], 0.0)
+        modality_msg = x.sum(-2) * _inverse_or_zero(omega.sum(-1))[..., None]              # [..., B, M, H]
+        utterance_msg = x.sum(-3) * _inverse_or_zero(omega.sum(-2))[..., None]             # [..., B, T, H]
+        inv_degree = _inverse_or_zero(w_modality[:, :, None] + w_utterance[:, None, :])     # [B, M, T]
+        out = (modality_msg[..., :, :, None, :] + utterance_msg[..., :, None, :, :]) * inv_degree[..., None]
+        return F.leaky_relu(out + self.bias, negative_slope=0.01)
+
+
+class HighFrequencyConv(nn.Module):
+    r"""M3Net's gated high-frequency message passing (one residual branch layer).
+
+    .. math::
+        x'_t = \sum_{s \to t} \deg(s)^{-1/2} \deg(t)^{-1/2}
+               \tanh\big(\mathrm{gate}([x_t \,;\, x_s])\big)\, x_s
+
+    over the directed edges of a dialogue (distinct nodes of one modality; distinct nodes of
+    one utterance). The gate is linear, so gate([x_t; x_s]) = a_t + c_s + bias: the [T, T]
+    (within a modality) and [M, M] (within an utterance) gate matrices come from two
+    projections, and the sums are batched matmuls.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gate = nn.Linear(2 * channels, 1)
+
+    def forward(self, x: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
+        h = x.shape[-1]
+        target_score = F.linear(x, self.gate.weight[:, :h]).squeeze(-1)          # [..., B, M, T]
+        source_score = F.linear(x, self.gate.weight[:, h:]).squeeze(-1) + self.gate.bias
+        n_mod, max_len = x.shape[-3], x.shape[-2]
+        eye_t = torch.eye(max_len, dtype=torch.bool, device=x.device)
+        eye_m = torch.eye(n_mod, dtype=torch.bool, device=x.device)
+
+        # Within a modality: gate[t, s] over utterances, padded sources and self-loops removed.
+        keep = graph.valid[:, None, None, :] & ~eye_t                               # [B, 1, T(t), T(s)]
+        gate = torch.tanh(target_score[..., :, None] + source_score[..., None, :])  # [..., B, M, T, T]
+        same_modality = torch.matmul(gate * keep, x)
+
+        # Within an utterance: gate[m, m'] over modalities, self-loops removed.
+        gate = torch.tanh(target_score.transpose(-1, -2)[..., :, None] + source_score.transpose(-1, -2)[..., None, :])
+        same_utterance = torch.matmul(gate * ~eye_m, x.transpose(-2, -3)).transpose(-2, -3)  # [..., B, M, T, H]
+
+        norm = graph.high_freq_norm[:, None, None, None]
+        return (same_modality + same_utterance) * norm

@@ -1,0 +1,226 @@
+"""M3Net (CVPR 2023) with unimodal heads for DGS; parameter names match the public checkpoint.
+
+Forward, per batch (SPEC §3):
+  encode:  text layers -> norm -> mean of 4 -> linear_l -> context RNN/Transformer;
+           audio/visual -> linear (-> RNN)                       => z_m  [T, B, 1024]
+  nodes:   + speaker embedding (text), + modal embedding          => [B, M, T, 1024]
+  graph:   fc1 -> hypergraph branch and high-frequency branch    => per utterance [N, M·1024]
+  head:    log_softmax(smax_fc(relu(dropout(h))))
+Coalitions (modalities zeroed at the graph input) run through `fuse` as a leading dimension.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataloader.batch import Batch
+from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
+
+TEXT_DIM = 1024      # RoBERTa feature size
+NODE_DIM = 1024      # Dg: encoder output / graph input
+HIDDEN_DIM = 512     # graph hidden size
+NODE_ORDER = "lav"   # modality order of the nodes inside a dialogue
+MODAL_EMBEDDING_ROW = {"a": 0, "v": 1, "l": 2}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_classes: int
+    n_speakers: int
+    audio_dim: int
+    visual_dim: int
+    modals: str = "avl"
+    base_model: str = "GRU"
+    norm: str = "BN"
+    num_L: int = 1
+    num_K: int = 1
+    use_speaker: bool = True
+    use_modal: bool = False
+    use_residue: bool = False
+    av_using_lstm: bool = False
+    dropout: float = 0.5
+
+    @property
+    def modalities(self) -> str:
+        """Present modalities in node order (l, a, v)."""
+        return "".join(m for m in NODE_ORDER if m in self.modals)
+
+
+@dataclass
+class ModelOutput:
+    log_probs: torch.Tensor            # [N, C] multimodal
+    unimodal_logits: dict              # modality -> [N, C]
+    encoded: dict                      # modality -> z_m [T, B, 1024]
+    nodes: torch.Tensor                # [B, M, T, 1024] graph input
+    graph: DialogueGraph
+
+
+def _context_rnn(kind: str, dropout: float) -> nn.Module:
+    rnn = nn.GRU if kind == "GRU" else nn.LSTM
+    return rnn(NODE_DIM, NODE_DIM // 2, num_layers=2, bidirectional=True, dropout=dropout)
+
+
+class GraphModel(nn.Module):
+    """`graph_model.*` of the checkpoint: embeddings, fc1, and both graph branches."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.modal_embeddings = nn.Embedding(3, NODE_DIM)
+        self.speaker_embeddings = nn.Embedding(cfg.n_speakers, NODE_DIM)
+        self.fc1 = nn.Linear(NODE_DIM, HIDDEN_DIM)
+        for i in range(1, cfg.num_L + 1):
+            setattr(self, f"hyperconv{i}", HypergraphConv(HIDDEN_DIM))
+        self.hyperedge_weight = nn.Parameter(torch.ones(1000))
+        self.EW_weight = nn.Parameter(torch.ones(5200))
+        for k in range(1, cfg.num_K + 1):
+            setattr(self, f"conv{k}", HighFrequencyConv(HIDDEN_DIM))
+
+    def add_embeddings(self, nodes: torch.Tensor, speakers: torch.Tensor) -> torch.Tensor:
+        """nodes [B, M, T, D] (modalities in node order), speakers [B, T] -> nodes with embeddings."""
+        mods = self.cfg.modalities
+        if self.cfg.use_speaker and "l" in mods:
+            text_row = mods.index("l")
+            speaker = torch.zeros_like(nodes)
+            speaker[:, text_row] = self.speaker_embeddings(speakers)
+            nodes = nodes + speaker
+        if self.cfg.use_modal:
+            rows = torch.tensor([MODAL_EMBEDDING_ROW[m] for m in mods], device=nodes.device)
+            nodes = nodes + self.modal_embeddings(rows)[None, :, None, :]
+        return nodes
+
+    def forward(self, nodes: torch.Tensor, graph: DialogueGraph,
+                coalitions: torch.Tensor | None = None) -> torch.Tensor:
+        """nodes [B, M, T, D] -> per-utterance features [N, M·F] (or [K, N, M·F] for coalitions [K, M])."""
+        x = self.fc1(nodes)
+        if coalitions is not None:
+            # fc1 of a zeroed node is its bias: mask after the projection instead of projecting K times.
+            present = coalitions[:, None, :, None, None]
+            x = torch.where(present, x, self.fc1.bias)
+            nodes = nodes * present
+        hyper = x
+        for i in range(1, self.cfg.num_L + 1):
+            hyper = getattr(self, f"hyperconv{i}")(hyper, graph, self.hyperedge_weight, self.EW_weight)
+        high = x
+        for k in range(1, self.cfg.num_K + 1):
+            high = high + getattr(self, f"conv{k}")(high, graph)
+        parts = [hyper, high]
+        if self.cfg.use_residue:
+            parts.insert(0, nodes.expand(*hyper.shape[:-1], nodes.shape[-1]))
+        per_node = torch.cat(parts, dim=-1)                                   # [..., B, M, T, F]
+        per_utterance = per_node.transpose(-3, -2).flatten(-2)                # [..., B, T, M·F]
+        return graph.gather_utterances(per_utterance)
+
+
+class M3Net(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        for suffix in "abcd":
+            setattr(self, f"normBN{suffix}", nn.BatchNorm1d(TEXT_DIM))
+            setattr(self, f"normLN{suffix}", nn.LayerNorm(TEXT_DIM))
+        self.dropout = nn.Dropout(cfg.dropout)
+        mods = cfg.modalities
+        rnn_prefix = {"GRU": "gru", "LSTM": "lstm"}.get(cfg.base_model)
+        if "a" in mods:
+            self.linear_a = nn.Linear(cfg.audio_dim, NODE_DIM)
+        if "v" in mods:
+            self.linear_v = nn.Linear(cfg.visual_dim, NODE_DIM)
+        if "l" in mods:
+            self.linear_l = nn.Linear(TEXT_DIM, NODE_DIM)
+            if rnn_prefix:
+                setattr(self, f"{rnn_prefix}_l", _context_rnn(cfg.base_model, cfg.dropout))
+            else:
+                self.trans_l = nn.TransformerEncoderLayer(d_model=NODE_DIM, nhead=4)
+        if cfg.av_using_lstm:
+            for m in "av":
+                if m in mods:
+                    setattr(self, f"{rnn_prefix}_{m}", _context_rnn(cfg.base_model, cfg.dropout))
+        self.graph_model = GraphModel(cfg)
+        width = (NODE_DIM + 2 * HIDDEN_DIM if cfg.use_residue else 2 * HIDDEN_DIM) * len(mods)
+        self.smax_fc = nn.Linear(width, cfg.n_classes)
+        for m in mods:
+            setattr(self, f"head_{m}", nn.Linear(NODE_DIM, cfg.n_classes))
+
+    # ----------------------------------------------------------------- encoders
+    def _normalise_text(self, layers: torch.Tensor) -> torch.Tensor:
+        """layers [4, T, B, 1024] -> their mean after --norm (BN/LN per position, LN2 per dialogue)."""
+        norm = self.cfg.norm
+        normed = []
+        for layer, suffix in zip(layers, "abcd"):
+            if norm == "BN":
+                # Statistics over all T·B positions, padding included, as the reference does.
+                layer = getattr(self, f"normBN{suffix}")(layer.reshape(-1, TEXT_DIM)).view_as(layer)
+            elif norm == "LN":
+                layer = getattr(self, f"normLN{suffix}")(layer)
+            elif norm == "LN2":
+                layer = F.layer_norm(layer.transpose(0, 1), layer.shape[::2]).transpose(0, 1)
+            normed.append(layer)
+        r1, r2, r3, r4 = normed
+        return (r1 + r2 + r3 + r4) / 4
+
+    def _context(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Run the padded sequence through the context encoder `name` (no packing, as the reference)."""
+        encoder = getattr(self, name)
+        if isinstance(encoder, nn.TransformerEncoderLayer):
+            return encoder(x)
+        return encoder(x)[0]
+
+    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Encoder outputs z_m [T, B, 1024] per present modality (the gradient groups θ_m end here)."""
+        rnn = {"GRU": "gru", "LSTM": "lstm"}.get(self.cfg.base_model)
+        encoded = {}
+        for m in self.cfg.modalities:
+            if m == "l":
+                z = self.linear_l(self._normalise_text(batch.text))
+                z = self._context(f"{rnn}_l" if rnn else "trans_l", z)
+            else:
+                z = getattr(self, f"linear_{m}")(batch.audio if m == "a" else batch.visual)
+                if self.cfg.av_using_lstm:
+                    z = self._context(f"{rnn}_{m}", z)
+            encoded[m] = z
+        return encoded
+
+    def encoder_groups(self) -> dict[str, list[nn.Parameter]]:
+        """θ_m: the parameters each modality's encoder owns (what OGM and MMPareto act on)."""
+        groups = {}
+        for m in self.cfg.modalities:
+            names = [f"linear_{m}", f"gru_{m}", f"lstm_{m}", f"trans_{m}"]
+            if m == "l":
+                names += [f"norm{kind}{s}" for kind in ("BN", "LN") for s in "abcd"
+                          if self.cfg.norm == kind]
+            groups[m] = [p for n in names if hasattr(self, n) for p in getattr(self, n).parameters()]
+        return groups
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.cfg.modalities for p in getattr(self, f"head_{m}").parameters()]
+
+    # ----------------------------------------------------------------- fusion
+    def graph_nodes(self, encoded: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """Encoder outputs -> graph input [B, M, T, 1024] with speaker / modal embeddings."""
+        nodes = torch.stack([encoded[m].transpose(0, 1) for m in self.cfg.modalities], dim=1)
+        speakers = batch.qmask.argmax(-1).transpose(0, 1)                      # [B, T]
+        return self.graph_model.add_embeddings(nodes, speakers)
+
+    def fuse(self, nodes: torch.Tensor, graph: DialogueGraph,
+             coalitions: torch.Tensor | None = None, dropout: bool = True) -> torch.Tensor:
+        """Graph + classifier: log-probs [N, C], or [K, N, C] with modalities outside each coalition zeroed."""
+        h = self.graph_model(nodes, graph, coalitions)
+        if dropout:
+            h = self.dropout(h)
+        return F.log_softmax(self.smax_fc(F.relu(h)), dim=-1)
+
+    def graph_for(self, batch: Batch) -> DialogueGraph:
+        return build_graph(tuple(batch.lengths.tolist()), len(self.cfg.modalities), batch.umask.device)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        graph = self.graph_for(batch)
+        encoded = self.encode(batch)
+        nodes = self.graph_nodes(encoded, batch)
+        log_probs = self.fuse(nodes, graph)
+        unimodal = {m: getattr(self, f"head_{m}")(graph.gather_utterances(z.transpose(0, 1)))
+                    for m, z in encoded.items()}
+        return ModelOutput(log_probs, unimodal, encoded, nodes, graph)

@@ -1,0 +1,156 @@
+"""The DGS pieces against hand-computed values: Shapley, MMPareto, OGM coefficients, losses."""
+import math
+
+import pytest
+import torch
+
+from utils.losses import FocalLoss, inverse_prior_weights
+from utils.modulation import modulate, ogm_coefficients
+from utils.pareto import cosine, min_norm_weight, pareto_combine
+from utils.shapley import coalition_masks, shapley_matrix, shapley_values, true_label_probs
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------ Shapley
+def test_coalition_masks_enumerate_subsets_by_bits():
+    masks = coalition_masks(3, CPU)
+    assert masks.shape == (8, 3)
+    assert masks[0].tolist() == [False, False, False]
+    assert masks[5].tolist() == [True, False, True]
+    assert masks[7].tolist() == [True, True, True]
+
+
+def test_shapley_two_players_by_hand():
+    # v(∅)=0.1, v({0})=0.5, v({1})=0.2, v({0,1})=0.9
+    v = torch.tensor([[0.1], [0.5], [0.2], [0.9]])
+    phi = shapley_values(v)[0]
+    # φ0 = ½(v0 − v∅) + ½(v01 − v1) = ½·0.4 + ½·0.7 = 0.55 ; φ1 = ½·0.1 + ½·0.4 = 0.25
+    assert phi.tolist() == pytest.approx([0.55, 0.25])
+
+
+def test_shapley_three_players_weights():
+    w = shapley_matrix(3, CPU)
+    # player 0 from coalition {0} (s=1): weight 0!2!/3! = 1/3 ; from ∅ (s=0): −1/3
+    assert w[1, 0].item() == pytest.approx(1 / 3)
+    assert w[0, 0].item() == pytest.approx(-1 / 3)
+    # {0,1} (s=3) includes 0 with |S|−1 = 1: 1!1!/3! = 1/6 ; excludes 2 with |S| = 2: −2!0!/3! = −1/3
+    assert w[3, 0].item() == pytest.approx(1 / 6)
+    assert w[3, 2].item() == pytest.approx(-1 / 3)
+    assert w[7].tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_shapley_efficiency_and_symmetry():
+    torch.manual_seed(0)
+    v = torch.rand(8, 50)
+    phi = shapley_values(v)
+    assert torch.allclose(phi.sum(1), v[7] - v[0], atol=1e-6)
+    # players 0 and 1 symmetric: v(S ∪ {0}) = v(S ∪ {1}) for S without both
+    sym = torch.rand(8, 5)
+    sym[2] = sym[1]          # {1} = {0}
+    sym[6] = sym[5]          # {1,2} = {0,2}
+    assert torch.allclose(shapley_values(sym)[:, 0], shapley_values(sym)[:, 1], atol=1e-6)
+
+
+def test_shapley_additive_game_gives_each_its_own_value():
+    gains = torch.tensor([0.3, 0.1, -0.05])
+    masks = coalition_masks(3, CPU).float()
+    v = (masks @ gains)[:, None] + 0.2
+    assert shapley_values(v)[0].tolist() == pytest.approx(gains.tolist(), abs=1e-6)
+
+
+def test_true_label_probs():
+    log_probs = torch.log(torch.tensor([[[0.2, 0.8], [0.6, 0.4]], [[0.5, 0.5], [0.1, 0.9]]]))
+    v = true_label_probs(log_probs, torch.tensor([1, 0]))
+    assert v.flatten().tolist() == pytest.approx([0.8, 0.6, 0.5, 0.1])
+
+
+# ------------------------------------------------------------------ MMPareto
+def test_min_norm_weight_of_conflicting_2d_vectors():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
+    # minimise ‖k g1 + (1−k) g2‖²: k1 = ((g2 − g1)·g2)/‖g1 − g2‖² = (2 + 1)/5 = 0.6
+    k1 = min_norm_weight(g1, g2)
+    assert k1.item() == pytest.approx(0.6)
+    point = k1 * g1 + (1 - k1) * g2
+    for k in torch.linspace(0, 1, 101):
+        assert torch.linalg.vector_norm(point) <= torch.linalg.vector_norm(k * g1 + (1 - k) * g2) + 1e-6
+
+
+def test_min_norm_weight_is_clipped():
+    # g2 = 2·g1 points the same way: the minimum is at k1 = 1, clipped to 0.999
+    assert min_norm_weight(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0])).item() == pytest.approx(0.999)
+    assert min_norm_weight(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0])).item() == pytest.approx(0.001)
+
+
+def test_pareto_agreeing_gradients_are_summed_then_scaled_by_gamma():
+    g_mm, g_u = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 1.0])]
+    merged, cos = pareto_combine(g_mm, g_u, gamma=0.2)
+    assert cos.item() == pytest.approx(5 / (math.sqrt(5) * math.sqrt(10)))
+    # k = ½: n = g_mm + g_u, s = 1 → γ·n
+    assert merged[0].tolist() == pytest.approx([0.8, 0.6])
+
+
+def test_pareto_conflicting_gradients_min_norm_and_magnitude_rule():
+    g_mm, g_u = [torch.tensor([1.0, 0.0]), torch.tensor([2.0])], [torch.tensor([-1.0, 1.0]), torch.tensor([-1.0])]
+    merged, cos = pareto_combine(g_mm, g_u, gamma=1.0)
+    flat_mm, flat_u = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([-1.0, 1.0, -1.0])
+    assert cos.item() == pytest.approx(-3 / (math.sqrt(5) * math.sqrt(3)))
+    k1 = ((flat_u - flat_mm) @ flat_u / ((flat_mm - flat_u) @ (flat_mm - flat_u))).item()   # (2+1+3)/14
+    assert k1 == pytest.approx(6 / 14)
+    for p in range(2):
+        n = 2 * (k1 * g_mm[p] + (1 - k1) * g_u[p])
+        s = torch.linalg.vector_norm(g_mm[p] + g_u[p]) / torch.linalg.vector_norm(n)
+        expected = max(s.item(), 1.0) * n
+        assert merged[p].tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    # second tensor: n = 2(6/14·2 − 8/14) = 8/14, plain sum 1 → scaled up to norm 1
+    assert merged[1].item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_pareto_zero_gradients_stay_zero():
+    merged, cos = pareto_combine([torch.zeros(3)], [torch.zeros(3)], gamma=1.0)
+    assert merged[0].tolist() == [0.0, 0.0, 0.0]
+    assert cos.item() == 0.0
+
+
+def test_cosine_of_zero_vector_is_zero():
+    assert cosine(torch.zeros(2), torch.tensor([1.0, 0.0])).item() == 0.0
+
+
+# ------------------------------------------------------------------ OGM
+def test_ogm_coefficients_by_hand():
+    scores = torch.tensor([0.3, 0.1, 0.1])
+    kappa = ogm_coefficients(scores, alpha=0.6)
+    # r_0 = 0.3 / 0.1 = 3 → κ = 1 − tanh(1.2); r_1 = 0.1 / 0.2 = 0.5 → 1
+    assert kappa.tolist() == pytest.approx([1 - math.tanh(1.2), 1.0, 1.0], rel=1e-6)
+
+
+def test_ogm_coefficients_floor_negative_scores():
+    kappa = ogm_coefficients(torch.tensor([0.2, -0.1]), alpha=0.5)
+    r0 = 0.2 / 1e-6
+    assert kappa.tolist() == pytest.approx([1 - math.tanh(0.5 * (r0 - 1)), 1.0])
+
+
+def test_ogm_single_modality_is_untouched():
+    assert ogm_coefficients(torch.tensor([0.4]), alpha=1.0).tolist() == [1.0]
+
+
+def test_modulate_scales_and_adds_noise_with_pre_scaling_std():
+    torch.manual_seed(0)
+    g = [torch.randn(20000) * 3.0]
+    assert torch.allclose(modulate(g, torch.tensor(0.5), gaussian_noise=False)[0], 0.5 * g[0])
+    noisy = modulate(g, torch.tensor(0.5), gaussian_noise=True)[0]
+    noise = noisy - 0.5 * g[0]
+    assert noise.std().item() == pytest.approx(g[0].std().item(), rel=0.03)
+
+
+# ------------------------------------------------------------------ losses
+def test_focal_loss_by_hand():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]])
+    loss = FocalLoss(2.5)(probs.log(), torch.tensor([0, 2]))
+    expected = (-(0.3 ** 2.5) * math.log(0.7) - (0.5 ** 2.5) * math.log(0.5)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_inverse_prior_weights():
+    w = inverse_prior_weights(torch.tensor([0, 0, 0, 1]), 3)
+    assert w.tolist() == pytest.approx([4 / 3, 4.0, 0.0])

@@ -1,0 +1,354 @@
+"""M3Net forward (SPEC §3): shapes, embeddings, coalitions, padding, text norms, every encoder."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dataloader.batch import Batch
+from model.graph import GraphCapacityError, build_graph
+from model.m3net import M3Net, ModelConfig
+
+try:
+    from tests.reference_m3net import assert_close
+except ImportError:  # tests/ on sys.path instead of the repo root
+    from reference_m3net import assert_close
+
+CPU = torch.device("cpu")
+C, S, DA, DV = 5, 3, 8, 6
+
+
+def make_batch(lengths, seed=0, text_shift=0.0) -> Batch:
+    """A collated batch as the loader lays it out: sequence-first, zeros at padding."""
+    g = torch.Generator().manual_seed(seed)
+    b, t = len(lengths), max(lengths)
+    umask = torch.zeros(b, t)
+    for i, n in enumerate(lengths):
+        umask[i, :n] = 1.0
+    pad = umask.t()[..., None]                                            # [T, B, 1]
+    text = (torch.randn(4, t, b, 1024, generator=g) * 2.0 + text_shift) * pad
+    audio = torch.randn(t, b, DA, generator=g) * pad
+    visual = torch.randn(t, b, DV, generator=g) * pad
+    speakers = torch.randint(0, S, (t, b), generator=g)
+    qmask = F.one_hot(speakers, S).float() * pad
+    labels = torch.randint(0, C, (b, t), generator=g) * umask.long()
+    return Batch(text=text, audio=audio, visual=visual, qmask=qmask, umask=umask, labels=labels,
+                 lengths=torch.tensor(lengths), ids=[f"d{i}" for i in range(b)])
+
+
+def make_model(seed=0, **kw) -> M3Net:
+    torch.manual_seed(seed)
+    kw.setdefault("dropout", 0.0)
+    return M3Net(ModelConfig(n_classes=C, n_speakers=S, audio_dim=DA, visual_dim=DV, **kw))
+
+
+def randomise_graph(model: M3Net, seed=0) -> M3Net:
+    g = torch.Generator().manual_seed(seed)
+    gm = model.graph_model
+    with torch.no_grad():
+        gm.hyperedge_weight.copy_(torch.rand(gm.hyperedge_weight.shape, generator=g) * 1.8 + 0.2)
+        gm.EW_weight.copy_(torch.rand(gm.EW_weight.shape, generator=g) * 1.8 + 0.2)
+        for name, p in gm.named_parameters():
+            if name.startswith(("hyperconv", "conv")) and name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            if name.endswith("gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def all_coalitions(n_mod: int) -> torch.Tensor:
+    """[2^M, M] bool; row k has modality m present iff bit m of k is set (row 0 empty, last full)."""
+    return torch.tensor([[bool(k >> m & 1) for m in range(n_mod)] for k in range(2 ** n_mod)])
+
+
+# =========================================================================== shapes
+@pytest.mark.parametrize("modals,use_residue", [("avl", False), ("al", True), ("v", False)])
+def test_output_shapes(modals, use_residue):
+    model = make_model(modals=modals, use_residue=use_residue).eval()
+    batch = make_batch((3, 1, 4))
+    with torch.no_grad():
+        out = model(batch)
+    mods = model.cfg.modalities
+    assert mods == "".join(m for m in "lav" if m in modals)
+    n_mod = len(mods)
+    assert out.log_probs.shape == (8, C)
+    assert_close(out.log_probs.exp().sum(-1), torch.ones(8))
+    assert set(out.unimodal_logits) == set(mods)
+    for m in mods:
+        assert out.unimodal_logits[m].shape == (8, C)
+        assert out.encoded[m].shape == (4, 3, 1024)
+    assert out.nodes.shape == (3, n_mod, 4, 1024)
+    assert out.graph.lengths == (3, 1, 4) and out.graph.n_modalities == n_mod
+    assert model.smax_fc.in_features == n_mod * (2048 if use_residue else 1024)
+
+
+def test_unimodal_logits_are_heads_of_valid_encoder_outputs():
+    model = make_model().eval()
+    batch = make_batch((2, 3, 1), seed=1)
+    with torch.no_grad():
+        out = model(batch)
+        for m in "lav":
+            rows = [out.encoded[m][t, b] for b, n in enumerate((2, 3, 1)) for t in range(n)]
+            want = getattr(model, f"head_{m}")(torch.stack(rows))
+            assert_close(out.unimodal_logits[m], want)
+    assert batch.valid_labels.tolist() == [batch.labels[b, t].item()
+                                           for b, n in enumerate((2, 3, 1)) for t in range(n)]
+
+
+@pytest.mark.parametrize("use_speaker,use_modal", [(True, True), (False, False)])
+def test_speaker_and_modal_embeddings(use_speaker, use_modal):
+    model = make_model(use_speaker=use_speaker, use_modal=use_modal).eval()
+    batch = make_batch((3, 2), seed=2)
+    with torch.no_grad():
+        encoded = model.encode(batch)
+        nodes = model.graph_nodes(encoded, batch)
+    spk = model.graph_model.speaker_embeddings.weight
+    modal = model.graph_model.modal_embeddings.weight          # rows: a, v, l
+    for b, n in enumerate((3, 2)):
+        for t in range(n):
+            speaker = int(batch.qmask[t, b].argmax())
+            for m, mod in enumerate("lav"):
+                want = encoded[mod][t, b].clone()
+                if use_speaker and mod == "l":
+                    want += spk[speaker]
+                if use_modal:
+                    want += modal[{"a": 0, "v": 1, "l": 2}[mod]]
+                assert_close(nodes[b, m, t], want)
+
+
+def test_capacity_error_from_forward():
+    model = make_model(modals="av")
+    lengths = (30,) * 40                     # 1200 utterances + 80 modality hyperedges > 1000
+    batch = Batch(text=torch.zeros(4, 30, 40, 1), audio=torch.zeros(30, 40, DA),
+                  visual=torch.zeros(30, 40, DV), qmask=torch.zeros(30, 40, S), umask=torch.ones(40, 30),
+                  labels=torch.zeros(40, 30, dtype=torch.long), lengths=torch.tensor(lengths),
+                  ids=list(range(40)))
+    with pytest.raises(GraphCapacityError, match="--batch-size"):
+        model(batch)
+
+
+def test_graph_for_reuses_cached_graph():
+    model = make_model(modals="al")
+    g1 = model.graph_for(make_batch((3, 1), seed=1))
+    assert model.graph_for(make_batch((3, 1), seed=2)) is g1
+    assert g1.n_modalities == 2 and g1.lengths == (3, 1)
+
+
+# =========================================================================== coalitions
+@pytest.mark.parametrize("modals,use_residue", [("avl", True), ("al", False)])
+def test_coalitions_equal_separate_fuse_with_zeroed_modalities(modals, use_residue):
+    model = randomise_graph(make_model(modals=modals, use_residue=use_residue, num_L=2, num_K=2)).eval()
+    batch = make_batch((3, 1, 4), seed=3)
+    with torch.no_grad():
+        out = model(batch)
+        n_mod = len(model.cfg.modalities)
+        coalitions = all_coalitions(n_mod)
+        got = model.fuse(out.nodes, out.graph, coalitions, dropout=False)
+        assert got.shape == (2 ** n_mod, 8, C)
+        for k, coalition in enumerate(coalitions):
+            zeroed = out.nodes.clone()
+            zeroed[:, ~coalition] = 0.0
+            want = model.fuse(zeroed, out.graph, dropout=False)
+            assert_close(got[k], want, rtol=1e-5, atol=1e-5)
+        # the coalitions really differ from each other
+        assert (got[0] - got[-1]).abs().max() > 1e-3
+        # the full coalition is the plain eval forward
+        assert_close(got[-1], out.log_probs, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_forward_has_no_dropout_train_forward_has():
+    model = make_model(dropout=0.5).eval()
+    batch = make_batch((3, 2), seed=4)
+    with torch.no_grad():
+        a, b = model(batch).log_probs, model(batch).log_probs
+        assert torch.equal(a, b)
+        model.train()
+        c = model(batch).log_probs
+    assert not torch.allclose(a, c)
+
+
+# =========================================================================== padding
+def test_graph_stage_ignores_padded_positions():
+    model = randomise_graph(make_model(num_L=2, num_K=3, use_residue=True)).eval()
+    lengths = (2, 5, 1)
+    graph = build_graph(lengths, 3, CPU)
+    g = torch.Generator().manual_seed(5)
+    nodes = torch.randn(3, 3, 5, 1024, generator=g)
+    garbage = nodes.clone()
+    pad = ~graph.valid
+    garbage[pad[:, None, :, None].expand_as(garbage)] = 50.0 * torch.randn(int(pad.sum()) * 3 * 1024, generator=g)
+    assert not torch.equal(nodes, garbage)
+    coalitions = all_coalitions(3)
+    with torch.no_grad():
+        assert_close(model.graph_model(garbage, graph), model.graph_model(nodes, graph),
+                                   rtol=1e-6, atol=1e-6)
+        assert_close(model.fuse(garbage, graph, coalitions, dropout=False),
+                                   model.fuse(nodes, graph, coalitions, dropout=False), rtol=1e-6, atol=1e-6)
+
+
+def test_graph_stage_weights_are_positional_over_the_batch():
+    """Dialogue 2 of a batch reads the weight tables at its global offsets (the reference's quirk)."""
+    model = randomise_graph(make_model(modals="av", num_L=2, num_K=1)).eval()
+    g = torch.Generator().manual_seed(6)
+    nodes = torch.randn(2, 2, 3, 1024, generator=g)           # lengths (3, 2), modalities a, v
+    alone = nodes[1:, :, :2]
+    with torch.no_grad():
+        in_batch = model.fuse(nodes, build_graph((3, 2), 2, CPU), dropout=False)[3:]
+        plain = model.fuse(alone, build_graph((2,), 2, CPU), dropout=False)
+        assert (in_batch - plain).abs().max() > 1e-4
+        shifted = copy.deepcopy(model)
+        gm = shifted.graph_model
+        edge_offset, node_offset = 2 + 3, 2 * 3               # d1: 2 modality + 3 utterance hyperedges, 6 nodes
+        gm.hyperedge_weight.copy_(torch.roll(gm.hyperedge_weight, -edge_offset))
+        gm.EW_weight.copy_(torch.roll(gm.EW_weight, -node_offset))
+        assert_close(shifted.fuse(alone, build_graph((2,), 2, CPU), dropout=False), in_batch,
+                                   rtol=1e-5, atol=1e-6)
+        # with the uniform initial tables the batch composition does not matter
+        fresh = make_model(modals="av", num_L=2, num_K=1).eval()
+        fresh.load_state_dict({k: v for k, v in model.state_dict().items()
+                               if k not in ("graph_model.hyperedge_weight", "graph_model.EW_weight")},
+                              strict=False)
+        assert_close(fresh.fuse(nodes, build_graph((3, 2), 2, CPU), dropout=False)[3:],
+                                   fresh.fuse(alone, build_graph((2,), 2, CPU), dropout=False),
+                                   rtol=1e-5, atol=1e-6)
+
+
+# =========================================================================== text normalisation
+def _bn_manual(x, weight, bias, eps=1e-5):
+    flat = x.reshape(-1, x.shape[-1])
+    mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    return ((x - mean) / torch.sqrt(var + eps)) * weight + bias
+
+
+def test_bn_uses_statistics_over_padded_positions_in_train_mode():
+    model = make_model(norm="BN")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for s in "abcd":
+            bn = getattr(model, f"normBN{s}")
+            bn.weight.copy_(torch.rand(1024, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(1024, generator=g))
+    lengths = (4, 1, 2)
+    batch = make_batch(lengths, seed=7, text_shift=1.5)       # padding (zeros) is far from the mean
+    model.train()
+    z = model.encode(batch)["l"]
+    with torch.no_grad():
+        manual = sum(_bn_manual(batch.text[k], getattr(model, f"normBN{s}").weight,
+                                getattr(model, f"normBN{s}").bias) for k, s in enumerate("abcd")) / 4
+        want = model.gru_l(model.linear_l(manual))[0]
+        assert_close(z, want, rtol=1e-5, atol=1e-5)
+        # statistics of the real utterances only would give something else
+        valid = batch.umask.t().bool()                         # [T, B]
+        mean_valid = batch.text[0][valid].mean(0)
+        mean_all = batch.text[0].reshape(-1, 1024).mean(0)
+        assert (mean_valid - mean_all).abs().mean() > 0.3
+        # running statistics: momentum 0.1 from (0, 1), unbiased variance over all T*B rows
+        bn = model.normBNa
+        assert_close(bn.running_mean, 0.1 * mean_all, rtol=1e-5, atol=1e-6)
+        assert_close(bn.running_var, 0.9 + 0.1 * batch.text[0].reshape(-1, 1024).var(0),
+                                   rtol=1e-5, atol=1e-6)
+        # eval mode uses the running statistics
+        model.eval()
+        z_eval = model.encode(batch)["l"]
+        manual = sum(((batch.text[k] - getattr(model, f"normBN{s}").running_mean)
+                      / torch.sqrt(getattr(model, f"normBN{s}").running_var + 1e-5))
+                     * getattr(model, f"normBN{s}").weight + getattr(model, f"normBN{s}").bias
+                     for k, s in enumerate("abcd")) / 4
+        assert_close(z_eval, model.gru_l(model.linear_l(manual))[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["LN", "LN2", "none"])
+def test_other_text_norms(norm):
+    model = make_model(norm=norm).eval()
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for s in "abcd":
+            ln = getattr(model, f"normLN{s}")
+            ln.weight.copy_(torch.rand(1024, generator=g) + 0.5)
+            ln.bias.copy_(torch.randn(1024, generator=g))
+    batch = make_batch((4, 1, 2), seed=8, text_shift=1.0)
+    with torch.no_grad():
+        z = model.encode(batch)["l"]
+        layers = []
+        for k, s in enumerate("abcd"):
+            x = batch.text[k]                                   # [T, B, 1024]
+            if norm == "LN":
+                ln = getattr(model, f"normLN{s}")
+                mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+                x = (x - mu) / torch.sqrt(var + 1e-5) * ln.weight + ln.bias
+            elif norm == "LN2":                                 # whole [T, 1024] block per dialogue, no affine
+                mu = x.mean((0, 2), keepdim=True)
+                var = x.var((0, 2), unbiased=False, keepdim=True)
+                x = (x - mu) / torch.sqrt(var + 1e-5)
+            layers.append(x)
+        want = model.gru_l(model.linear_l(sum(layers) / 4))[0]
+    assert_close(z, want, rtol=1e-5, atol=1e-5)
+
+
+# =========================================================================== every encoder x norm
+@functools.lru_cache(maxsize=None)
+def _model_per_base(base_model: str) -> M3Net:
+    # Construction does not depend on --norm (all eight text norms always exist), so the four
+    # norms share one model per base model; the test sets cfg.norm and clears the gradients.
+    return make_model(base_model=base_model, dropout=0.5, num_L=1, num_K=1)
+
+
+@pytest.mark.parametrize("norm", ["BN", "LN", "LN2", "none"])
+@pytest.mark.parametrize("base_model", ["GRU", "LSTM", "Transformer"])
+def test_every_base_model_and_norm_runs_forward_and_backward(base_model, norm):
+    model = _model_per_base(base_model)
+    model.cfg = dataclasses.replace(model.cfg, norm=norm)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    lengths = (3, 1)
+    batch = make_batch(lengths, seed=9)
+    out = model(batch)
+    labels = batch.valid_labels
+    assert out.log_probs.shape == (4, C) and torch.isfinite(out.log_probs).all()
+    loss = F.nll_loss(out.log_probs, labels) + sum(F.cross_entropy(z, labels) for z in out.unimodal_logits.values())
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+
+    def moved(name):
+        return grads[name] is not None and grads[name].abs().sum() > 0
+
+    context = {"GRU": "gru_l.weight_ih_l0", "LSTM": "lstm_l.weight_ih_l0",
+               "Transformer": "trans_l.self_attn.in_proj_weight"}[base_model]
+    for name in [context, "linear_l.weight", "linear_a.weight", "linear_v.weight", "graph_model.fc1.weight",
+                 "graph_model.hyperconv1.bias", "graph_model.conv1.gate.weight", "graph_model.hyperedge_weight",
+                 "graph_model.EW_weight", "graph_model.speaker_embeddings.weight", "smax_fc.weight",
+                 "head_l.weight", "head_a.weight", "head_v.weight"]:
+        assert moved(name), name
+    # positional tables: only the entries this batch uses get a gradient
+    n_edges, n_nodes = 4 + 3 * 2, 3 * 4
+    assert (grads["graph_model.hyperedge_weight"][n_edges:] == 0).all()
+    assert (grads["graph_model.EW_weight"][n_nodes:] == 0).all()
+    assert (grads["graph_model.EW_weight"][:n_nodes] != 0).all()
+    # the text norm that --norm selects, and only that one, is trained and in the text group
+    text_group = {id(p) for p in model.encoder_groups()["l"]}
+    for kind in ("BN", "LN"):
+        used = norm == kind
+        assert moved(f"norm{kind}a.weight") == used, kind
+        assert (id(getattr(model, f"norm{kind}a").weight) in text_group) == used, kind
+
+
+@pytest.mark.parametrize("base_model", ["GRU", "LSTM", "Transformer"])
+def test_av_using_lstm_modules_are_named_and_grouped(base_model):
+    """--av_using_lstm: the audio/visual RNNs are checkpoint-named modules inside θ_a / θ_v."""
+    model = make_model(base_model=base_model, av_using_lstm=True, modals="av")
+    prefixes = {k.split(".")[0] for k in model.state_dict()}
+    allowed = ({f"norm{k}{s}" for k in ("BN", "LN") for s in "abcd"} | {"linear_a", "linear_v", "linear_l"}
+               | {f"{r}_{m}" for r in ("gru", "lstm") for m in "lav"} | {"trans_l", "graph_model", "smax_fc"}
+               | {"head_a", "head_v", "head_l"})
+    assert prefixes <= allowed, sorted(prefixes - allowed)
+    groups = {m: {id(p) for p in ps} for m, ps in model.encoder_groups().items()}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        for m in "av":
+            if top.endswith(f"_{m}") and not top.startswith("head_"):
+                assert id(p) in groups[m], name

@@ -1,0 +1,143 @@
+"""Command line shared by the per-dataset run scripts (SPEC §5).
+
+Every flag of the reference scripts is accepted, so old command lines keep working; the ones
+this implementation does not read are listed in `NO_EFFECT` and say so in `--help`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from utils.errors import UserError
+
+DATASETS = ("IEMOCAP", "MELD")
+BASE_MODELS = ("GRU", "LSTM", "Transformer")
+MODULATIONS = ("Normal", "OGM", "OGM_GE")
+
+# Reference flags that steer architectures this code base does not contain (DialogRNN, MMGCN,
+# DeepGCN, ...): the model is always the multimodal M3Net of SPEC §3.
+NO_EFFECT = (
+    "graph_model", "nodal_attention", "windowp", "windowf", "rec_dropout", "active_listener",
+    "attention", "graph_type", "use_topic", "alpha", "multiheads", "graph_construct", "use_gcn",
+    "multi_modal", "mm_fusion_mthd", "Deep_GCN_nlayers", "fusion_method",
+)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage dump) and exits with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _no_effect(help_text: str = "") -> str:
+    return f"{help_text} [accepted for compatibility; no effect]".strip()
+
+
+def build_parser(dataset: str, defaults: dict[str, Any]) -> argparse.ArgumentParser:
+    """The parser of run/train_OGM_Shapley_MMPareto_<dataset>.py with that dataset's defaults."""
+    p = _OneLineParser(
+        description=f"Train (or --testing: evaluate) M3Net with Dynamic Gradient Shaping on {dataset}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    flag = argparse.BooleanOptionalAction
+
+    g = p.add_argument_group("reference flags")
+    g.add_argument("--no-cuda", action="store_true", help="run on the CPU even if CUDA is available")
+    g.add_argument("--base-model", default="GRU", choices=BASE_MODELS, help="text context encoder")
+    g.add_argument("--graph-model", action=flag, default=True, help=_no_effect())
+    g.add_argument("--nodal-attention", action=flag, default=True, help=_no_effect())
+    g.add_argument("--windowp", type=int, default=10, help=_no_effect())
+    g.add_argument("--windowf", type=int, default=10, help=_no_effect())
+    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    g.add_argument("--l2", type=float, default=3e-5, help="Adam weight decay")
+    g.add_argument("--rec-dropout", type=float, default=0.1, help=_no_effect())
+    g.add_argument("--dropout", type=float, default=0.5, help="dropout before smax_fc and between RNN layers")
+    g.add_argument("--batch-size", type=int, default=8, help="dialogues per batch")
+    g.add_argument("--epochs", type=int, default=80)
+    g.add_argument("--class-weight", action=flag, default=True,
+                   help="IEMOCAP: weight the NLL by 1/class prior of the training labels")
+    g.add_argument("--active-listener", action="store_true", help=_no_effect())
+    g.add_argument("--attention", default="general", help=_no_effect())
+    g.add_argument("--tensorboard", action="store_true", help="also write scalars for TensorBoard into --log-dir")
+    g.add_argument("--graph_type", default="hyper", help=_no_effect())
+    g.add_argument("--use_topic", action="store_true", help=_no_effect())
+    g.add_argument("--alpha", type=float, default=0.2, help=_no_effect())
+    g.add_argument("--alpha_", type=float, default=0.6, help="OGM strength α in κ = 1 − tanh(α(r − 1))")
+    g.add_argument("--multiheads", type=int, default=6, help=_no_effect())
+    g.add_argument("--graph_construct", default="direct", help=_no_effect())
+    g.add_argument("--use_gcn", action="store_true", help=_no_effect())
+    g.add_argument("--use_residue", action=flag, default=False,
+                   help="also feed the graph input node features to smax_fc (widens it)")
+    g.add_argument("--multi_modal", action=flag, default=True, help=_no_effect("always multimodal"))
+    g.add_argument("--mm_fusion_mthd", default="concat_DHT", help=_no_effect("always concat_DHT"))
+    g.add_argument("--modals", default="avl", help="modalities to use: any non-empty subset of 'avl'")
+    g.add_argument("--av_using_lstm", action="store_true",
+                   help="run audio/visual through their own 2-layer bidirectional RNN (GRU/LSTM as --base-model)")
+    g.add_argument("--Deep_GCN_nlayers", type=int, default=4, help=_no_effect())
+    g.add_argument("--Dataset", default=dataset, choices=DATASETS, help="must match the script")
+    g.add_argument("--use_speaker", action=flag, default=True, help="add speaker embeddings to text nodes")
+    g.add_argument("--use_modal", action=flag, default=False, help="add modality embeddings to all nodes")
+    g.add_argument("--norm", default="BN", help="text layer normalisation: BN, LN, LN2, or anything else for none")
+    g.add_argument("--testing", action="store_true", help="evaluate --checkpoint on the test split and exit")
+    g.add_argument("--num_L", type=int, default=1, help="hypergraph layers (0 turns the branch off)")
+    g.add_argument("--num_K", type=int, default=1, help="high-frequency graph layers (0 turns the branch off)")
+    g.add_argument("--fusion_method", default="concat", help=_no_effect())
+    g.add_argument("--modulation", default="OGM_GE", choices=MODULATIONS,
+                   help="gradient modulation of the dominant modality's encoder")
+    g.add_argument("--lr_decay_step", type=int, default=70, help="StepLR step size (epochs)")
+    g.add_argument("--lr_decay_ratio", type=float, default=0.1, help="StepLR factor")
+    g.add_argument("--modulation_starts", type=int, default=0, help="first epoch (0-based) with OGM")
+    g.add_argument("--modulation_ends", type=int, default=80, help="last epoch (0-based) with OGM")
+
+    g = p.add_argument_group("this implementation")
+    g.add_argument("--data-dir", default=None,
+                   help="folder holding <Dataset>_features/ (default: the current directory, then the repo's data/)")
+    g.add_argument("--log-dir", default=None, help="output folder (default: runs/<Dataset>-<timestamp>)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--valid", type=float, default=0.0,
+                   help="fraction of train dialogues held out for model selection (0: select on test, as the reference)")
+    g.add_argument("--no-pareto", action="store_true", help="sum the multimodal and unimodal gradients instead of MMPareto")
+    g.add_argument("--no-shapley", action="store_true", help="skip the Shapley valuation (and so OGM scaling)")
+    g.add_argument("--pareto-gamma", type=float, default=1.0, help="MMPareto magnitude factor γ")
+    g.add_argument("--checkpoint", default=None, help="weights to start from or test: ours, or a raw M3Net state_dict")
+    g.add_argument("--resume", action="store_true", help="continue the run in --log-dir from its last.pt")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+
+    p.set_defaults(**defaults)
+    return p
+
+
+def parse_args(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags; a bad combination raises UserError."""
+    args = build_parser(dataset, defaults).parse_args(argv)
+    check_args(args, dataset)
+    return args
+
+
+def check_args(args: argparse.Namespace, dataset: str) -> None:
+    if args.Dataset != dataset:
+        raise UserError(f"--Dataset {args.Dataset} given to the {dataset} script; "
+                        f"use run/train_OGM_Shapley_MMPareto_{args.Dataset}.py")
+    if not args.modals or set(args.modals) - set("avl") or len(set(args.modals)) != len(args.modals):
+        raise UserError(f"--modals {args.modals!r}: give a non-empty subset of 'avl' without repeats")
+    if args.av_using_lstm and args.base_model == "Transformer":
+        raise UserError("--av_using_lstm needs --base-model GRU or LSTM")
+    for name in ("batch_size", "epochs"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("num_L", "num_K", "lr_decay_step"):
+        if getattr(args, name) < (1 if name == "lr_decay_step" else 0):
+            raise UserError(f"--{name} {getattr(args, name)} is out of range")
+    if not 0.0 <= args.valid < 1.0:
+        raise UserError(f"--valid {args.valid}: give a fraction in [0, 1)")
+    if not 0.0 <= args.dropout < 1.0:
+        raise UserError(f"--dropout {args.dropout}: give a probability in [0, 1)")
+    if args.testing and not args.checkpoint:
+        raise UserError("--testing needs --checkpoint PATH")
+    if args.resume and not args.log_dir:
+        raise UserError("--resume needs the --log-dir of the run to continue")
+    if args.resume and args.checkpoint:
+        raise UserError("--resume continues from <log-dir>/last.pt; do not also give --checkpoint")

@@ -1,0 +1,118 @@
+"""One Dynamic Gradient Shaping training step (SPEC §4), top to bottom.
+
+    forward            -> multimodal log-probs, unimodal logits per modality
+    losses             -> L_mm, L_m
+    Shapley valuation  -> all 2^M coalitions in one no-grad pass -> batch scores s_m
+    gradients          -> g_mm (all parameters) and g_u,m (encoder m + head m): two backwards
+    MMPareto           -> per encoder group, merge g_mm,m and g_u,m
+    OGM / OGM-GE       -> κ_m from s_m scales encoder m's gradient (+ noise)
+    optimizer step
+
+Nothing in a step waits on the device: statistics stay tensors until the epoch ends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dataloader.batch import Batch
+from model.m3net import M3Net, ModelOutput
+from utils.losses import unimodal_losses
+from utils.modulation import modulate, ogm_coefficients
+from utils.pareto import pareto_combine
+from utils.shapley import coalition_masks, shapley_values, true_label_probs
+
+
+@dataclass(frozen=True)
+class DGSSettings:
+    pareto: bool = True          # MMPareto combination (else g_mm + g_u)
+    shapley: bool = True         # Shapley valuation every step (needed for OGM)
+    modulation: str = "OGM_GE"   # Normal | OGM | OGM_GE
+    alpha: float = 0.6           # OGM strength
+    pareto_gamma: float = 1.0    # MMPareto magnitude factor
+
+
+def utterance_labels(batch: Batch, out: ModelOutput) -> torch.Tensor:
+    """Labels of the real utterances in the model's output order: [N]."""
+    return batch.labels.reshape(-1).index_select(0, out.graph.flat_valid)
+
+
+@torch.no_grad()
+def modality_scores(model: M3Net, out: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+    """Batch Shapley score s_m = mean_i φ_m,i of each modality: [M] (no dropout in the head)."""
+    n_modalities = out.nodes.shape[1]
+    coalitions = coalition_masks(n_modalities, labels.device)
+    log_probs = model.fuse(out.nodes.detach(), out.graph, coalitions, dropout=False)   # [2^M, N, C]
+    return shapley_values(true_label_probs(log_probs, labels)).mean(0)
+
+
+class DGSStep:
+    """Callable training step; owns the parameter grouping it needs."""
+
+    def __init__(self, model: M3Net, optimizer: torch.optim.Optimizer, loss_mm: nn.Module,
+                 settings: DGSSettings):
+        self.model, self.optimizer, self.loss_mm, self.settings = model, optimizer, loss_mm, settings
+        self.modalities = model.cfg.modalities
+        self.groups = model.encoder_groups()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.encoder_params = [p for m in self.modalities for p in self.groups[m]]
+        self.head_params = model.head_parameters()
+        self.unimodal_params = self.encoder_params + self.head_params
+
+    def __call__(self, batch: Batch, modulation_on: bool) -> dict[str, torch.Tensor]:
+        s = self.settings
+        out = self.model(batch)
+        labels = utterance_labels(batch, out)
+        loss_mm = self.loss_mm(out.log_probs, labels)
+        loss_uni = unimodal_losses(out.unimodal_logits, labels)
+        stats = {"loss_mm": loss_mm.detach(), "loss_uni": torch.stack(list(loss_uni.values())).detach(),
+                 "log_probs": out.log_probs.detach(), "labels": labels}
+
+        coeff = None
+        if s.shapley:
+            stats["shapley"] = modality_scores(self.model, out, labels)
+            if modulation_on and s.modulation != "Normal":
+                coeff = ogm_coefficients(stats["shapley"], s.alpha)
+                stats["coeff"] = coeff
+
+        grads = self._gradients(loss_mm, sum(loss_uni.values()), stats)
+        if coeff is not None:
+            for i, m in enumerate(self.modalities):
+                ids = [id(p) for p in self.groups[m]]
+                shaped = modulate([grads[k] for k in ids], coeff[i], s.modulation == "OGM_GE")
+                grads.update(zip(ids, shaped))
+
+        for p in self.params:
+            p.grad = grads.get(id(p))
+        self.optimizer.step()
+        return stats
+
+    def _gradients(self, loss_mm: torch.Tensor, loss_uni: torch.Tensor,
+                   stats: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Per-parameter gradients (keyed by id): encoders get the merged gradient, heads ∂L_m, the rest ∂L_mm."""
+        if not self.settings.pareto:
+            # g_mm + g_u is the gradient of the sum: one backward pass.
+            return _named(self.params, torch.autograd.grad(loss_mm + loss_uni, self.params, allow_unused=True))
+        g_mm = _named(self.params, torch.autograd.grad(loss_mm, self.params, retain_graph=True, allow_unused=True))
+        g_uni = _named(self.unimodal_params, torch.autograd.grad(loss_uni, self.unimodal_params, allow_unused=True))
+        grads = {**g_mm, **{id(p): g_uni[id(p)] for p in self.head_params}}
+        cosines = []
+        for m in self.modalities:
+            ids = [id(p) for p in self.groups[m]]
+            merged, cos = pareto_combine([_or_zeros(g_mm[k], p) for k, p in zip(ids, self.groups[m])],
+                                         [_or_zeros(g_uni[k], p) for k, p in zip(ids, self.groups[m])],
+                                         self.settings.pareto_gamma)
+            grads.update(zip(ids, merged))
+            cosines.append(cos)
+        stats["cos"] = torch.stack(cosines)
+        return grads
+
+
+def _named(params: list[nn.Parameter], grads: tuple) -> dict[int, torch.Tensor | None]:
+    return {id(p): g for p, g in zip(params, grads)}
+
+
+def _or_zeros(grad: torch.Tensor | None, param: nn.Parameter) -> torch.Tensor:
+    return torch.zeros_like(param) if grad is None else grad

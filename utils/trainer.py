@@ -1,0 +1,196 @@
+"""Epoch loops, model selection, checkpoints and resume (SPEC §5)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from model.checkpoint import read_checkpoint, save_atomic
+from model.m3net import M3Net
+from utils.dgs import DGSStep, utterance_labels
+from utils.metrics import classification_metrics, report
+from utils.runlog import RunLog, write_json
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the message names the epoch and step."""
+
+
+def _progress(loader: DataLoader, desc: str):
+    return tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty())
+
+
+@torch.no_grad()
+def evaluate(model: M3Net, loader: DataLoader, loss_mm: nn.Module, device: torch.device,
+             dataset: str) -> dict[str, Any]:
+    """Loss and metrics of one split in loader order; 'preds'/'labels' are numpy arrays."""
+    model.eval()
+    losses, sizes, preds, labels = [], [], [], []
+    for batch in _progress(loader, "eval"):
+        batch = batch.to(device, non_blocking=True)
+        out = model(batch)
+        y = utterance_labels(batch, out)
+        losses.append(loss_mm(out.log_probs, y) * y.numel())
+        sizes.append(y.numel())
+        preds.append(out.log_probs.argmax(-1))
+        labels.append(y)
+    preds_np, labels_np = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+    return {"loss": float(torch.stack(losses).sum().cpu()) / sum(sizes),
+            **classification_metrics(labels_np, preds_np, dataset),
+            "preds": preds_np, "labels": labels_np}
+
+
+@dataclass
+class EpochStats:
+    """Per-step statistics summed on the device; read once per epoch."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    bad_step: torch.Tensor | None = None     # first step with a non-finite loss (-1: none)
+
+    def add(self, step_index: int, stats: dict[str, torch.Tensor]) -> None:
+        for key in ("loss_mm", "loss_uni", "shapley", "coeff", "cos"):
+            if key in stats:
+                value = stats[key].float()
+                self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        if "cos" in stats:
+            conflict = (stats["cos"] < 0).float()
+            self.sums["conflict"] = self.sums["conflict"] + conflict if "conflict" in self.sums else conflict
+        finite = torch.isfinite(stats["loss_mm"]) & torch.isfinite(stats["loss_uni"]).all()
+        bad = torch.where(finite, -1, step_index)
+        self.bad_step = bad if self.bad_step is None else torch.where(self.bad_step >= 0, self.bad_step, bad)
+        self.steps += 1
+
+    def means(self) -> dict[str, np.ndarray]:
+        return {k: (v / self.steps).cpu().numpy() for k, v in self.sums.items()}
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, model: M3Net, step: DGSStep,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, loaders: dict[str, DataLoader],
+                 loss_mm: nn.Module, device: torch.device, log: RunLog, class_names: list[str]):
+        self.args, self.model, self.step, self.scheduler = args, model, step, scheduler
+        self.loaders, self.loss_mm, self.device, self.log = loaders, loss_mm, device, log
+        self.class_names = class_names
+        self.select_on = "valid" if "valid" in loaders else "test"
+        self.start_epoch = 0
+        self.best: dict[str, Any] = {"epoch": -1, "score": -1.0}
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        args = self.args
+        # Seed per epoch: a resumed run replays exactly the epochs an uninterrupted one would.
+        torch.manual_seed(args.seed * 100003 + epoch)
+        self.loaders["train"].generator.manual_seed(args.seed * 100003 + epoch)
+        modulation_on = args.modulation_starts <= epoch <= args.modulation_ends
+        self.model.train()
+        stats, preds, labels = EpochStats(), [], []
+        for i, batch in enumerate(_progress(self.loaders["train"], f"epoch {epoch}")):
+            step_stats = self.step(batch.to(self.device, non_blocking=True), modulation_on)
+            stats.add(i, step_stats)
+            preds.append(step_stats["log_probs"].argmax(-1))
+            labels.append(step_stats["labels"])
+        bad = int(stats.bad_step.item())
+        if bad >= 0:
+            raise TrainingDiverged(f"the loss became NaN/Inf at epoch {epoch}, step {bad}; "
+                                   f"{self.log.dir / 'last.pt'} holds the last good epoch")
+        means = stats.means()
+        preds_np, labels_np = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+        train = {"loss": float(means["loss_mm"]), **classification_metrics(labels_np, preds_np, args.Dataset)}
+        return train, means
+
+    def modality_record(self, means: dict[str, np.ndarray]) -> dict[str, dict[str, float | None]]:
+        record = {}
+        for i, m in enumerate(self.model.cfg.modalities):
+            record[m] = {"loss": float(means["loss_uni"][i])}
+            for key, name in (("shapley", "shapley"), ("coeff", "coeff"), ("cos", "cos"), ("conflict", "conflict_frac")):
+                record[m][name] = float(means[key][i]) if key in means else None
+        return record
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict[str, Any]:
+        args = self.args
+        for epoch in range(self.start_epoch, args.epochs):
+            started = time.perf_counter()
+            lr = self.step.optimizer.param_groups[0]["lr"]
+            train, means = self.train_epoch(epoch)
+            self.scheduler.step()
+            results = {name: evaluate(self.model, self.loaders[name], self.loss_mm, self.device, args.Dataset)
+                       for name in self.loaders if name != "train"}
+            elapsed = time.perf_counter() - started
+            record = {"epoch": epoch, "train": train,
+                      **{name: _public(r) for name, r in results.items()},
+                      "modalities": self.modality_record(means), "lr": lr, "epoch_time_s": elapsed}
+            self.log.epoch(record)
+            self.log.line(_epoch_line(record, args.epochs))
+            score = results[self.select_on]["weighted_f1"]
+            if score > self.best["score"]:
+                self.best = {"epoch": epoch, "score": score, "record": record,
+                             "test_preds": results["test"]["preds"].tolist(),
+                             "test_labels": results["test"]["labels"].tolist()}
+                save_atomic(self.checkpoint(epoch, record), self.log.dir / "best.pt")
+            save_atomic(self.checkpoint(epoch, record), self.log.dir / "last.pt")
+        return self.summary()
+
+    def checkpoint(self, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.step.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "args": vars(self.args),
+                "metrics": record, "best": self.best}
+
+    def resume(self, path: Path) -> None:
+        """Continue after the epoch saved in `path` (a last.pt of this run)."""
+        state = read_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.step.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best = state["best"]
+        self.start_epoch = state["epoch"] + 1
+        self.log.line(f"resumed from {path} after epoch {state['epoch']}")
+
+    def summary(self) -> dict[str, Any]:
+        best = self.best
+        text, matrix = report(np.array(best["test_labels"]), np.array(best["test_preds"]), self.class_names)
+        protocol = ("best validation weighted F1 (--valid)" if self.select_on == "valid"
+                    else "best test weighted F1 (the reference protocol; no validation split)")
+        summary = {"selected_epoch": best["epoch"], "selected_by": protocol,
+                   "metrics": best["record"], "test_classification_report": text,
+                   "test_confusion_matrix": matrix}
+        write_json(self.log.dir / "summary.json", summary)
+        test = best["record"]["test"]
+        self.log.line(f"selected epoch {best['epoch']} by {protocol}: test acc {test['acc']:.2f} "
+                      f"weighted F1 {test['weighted_f1']:.2f} macro F1 {test['macro_f1']:.2f} "
+                      f"micro F1 {test['micro_f1']:.2f}")
+        self.log.line(text.rstrip())
+        self.log.line("confusion matrix (rows: true " + " ".join(self.class_names) + ")")
+        for name, row in zip(self.class_names, matrix):
+            self.log.line(f"  {name:>8} " + " ".join(f"{v:5d}" for v in row))
+        return summary
+
+
+def _public(result: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in result.items() if k not in ("preds", "labels")}
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch'] + 1}/{epochs}"]
+    for split in ("train", "valid", "test"):
+        if split in record:
+            r = record[split]
+            parts.append(f"{split} loss {r['loss']:.4f} acc {r['acc']:.2f} wF1 {r['weighted_f1']:.2f}")
+    mods = record["modalities"]
+    for key, label in (("shapley", "shapley"), ("coeff", "coeff"), ("conflict_frac", "conflict")):
+        values = {m: v[key] for m, v in mods.items() if v[key] is not None}
+        if values:
+            parts.append(f"{label} " + " ".join(f"{m}={v:.3f}" for m, v in values.items()))
+    parts.append(f"lr {record['lr']:.2g}")
+    parts.append(f"{record['epoch_time_s']:.1f}s")
+    return " | ".join(parts)
