@@ -137,11 +137,12 @@ def dataset_info(dataset: str) -> DatasetInfo:
     try:
         return DATASETS[dataset]
     except KeyError:
-        raise DataError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}") from None
+        raise DataError(f"unknown dataset {dataset!r}: expected one of "
+                        f"{', '.join(DATASETS)}") from None
 
 
 def data_files(dataset: str, data_dir: str | Path) -> tuple[Path, Path]:
-    """Paths of the (feature, RoBERTa) pickles under data_dir, or a DataError saying what is missing.
+    """Paths of the (feature, RoBERTa) pickles under data_dir; DataError saying what is missing.
 
     data_dir is the folder holding `IEMOCAP_features/` (resp. `MELD_features/`); pointing at
     that folder itself also works, since it is an easy mistake to make.
@@ -197,7 +198,8 @@ def _read_tuple(path: Path, fields: tuple[str, ...]) -> dict[str, object]:
 def _split_ids(features: dict[str, object], name: str, path: Path) -> list:
     ids = features[name]
     if isinstance(ids, (Mapping, str, bytes)) or not isinstance(ids, Iterable):
-        raise DataError(f"{path}: {name} is a {type(ids).__name__}, expected a list of dialogue ids")
+        raise DataError(f"{path}: {name} is a {type(ids).__name__}, "
+                        f"expected a list of dialogue ids")
     if isinstance(ids, (set, frozenset)):
         # A set has no file order; sorting keeps runs reproducible across processes.
         try:

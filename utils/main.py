@@ -19,7 +19,6 @@ from utils.config import parse_args
 from utils.dgs import DGSSettings, DGSStep
 from utils.errors import UserError
 from utils.losses import inverse_prior_weights, multimodal_loss
-from utils.metrics import classification_metrics
 from utils.runlog import RunLog, write_json
 from utils.trainer import Trainer, TrainingDiverged, evaluate
 
@@ -74,10 +73,11 @@ def build_model(args: argparse.Namespace, data: Conversations) -> M3Net:
     return M3Net(cfg)
 
 
-def class_weights(args: argparse.Namespace, data: Conversations) -> torch.Tensor | None:
+def class_weights(args: argparse.Namespace, data: Conversations, train_loader) -> torch.Tensor | None:
+    """IEMOCAP's NLL weights: 1 / class prior of the dialogues actually trained on."""
     if args.Dataset != "IEMOCAP" or not args.class_weight:
         return None
-    labels = torch.from_numpy(np.concatenate([d.labels for d in data.splits["train"]]))
+    labels = torch.from_numpy(np.concatenate([d.labels for d in train_loader.dataset.dialogues]))
     return inverse_prior_weights(labels, data.n_classes)
 
 
@@ -94,11 +94,13 @@ def setup(args: argparse.Namespace) -> tuple[Conversations, dict, M3Net, torch.n
     device = pick_device(args)
     data = load_conversations(args.Dataset, resolve_data_dir(args))
     seed_everything(args.seed)
-    loaders = make_loaders(data, args.batch_size, valid_frac=args.valid, seed=args.seed,
-                           num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    try:
+        loaders = make_loaders(data, args.batch_size, valid_frac=args.valid, seed=args.seed,
+                               num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    except ValueError as e:   # e.g. --valid leaves no train dialogue
+        raise UserError(f"--valid {args.valid}: {e}") from None
     model = build_model(args, data).to(device)
-    loss_mm = multimodal_loss(args.Dataset, class_weights(args, data))
-    loss_mm = loss_mm.to(device)
+    loss_mm = multimodal_loss(args.Dataset, class_weights(args, data, loaders["train"])).to(device)
     log = RunLog(default_log_dir(args), tensorboard=args.tensorboard and not args.testing)
     return data, loaders, model, loss_mm, device, log
 

@@ -1,0 +1,251 @@
+"""The DGS step's gradients, and full runs of the entry point: outputs, resume, testing, errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataloader.datasets import load_conversations
+from dataloader.loaders import make_loaders
+from model import M3Net, ModelConfig
+from utils import main as entry
+from utils.dgs import DGSSettings, DGSStep, modality_scores, utterance_labels
+from utils.losses import unimodal_losses
+from utils.modulation import ogm_coefficients
+from utils.pareto import pareto_combine
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULTS = {"IEMOCAP": dict(seed=1475, use_modal=True, pareto_gamma=0.2, epochs=2),
+            "MELD": dict(seed=67137, pareto_gamma=1.0, epochs=2)}
+FAST = ["--batch-size", "4", "--no-cuda"]
+
+
+def run_main(capsys, argv, dataset="MELD"):
+    """Call the entry point in-process (MELD: short dialogues, fast); returns (exit status, stdout, stderr)."""
+    status = 0
+    try:
+        entry.main(dataset, DEFAULTS[dataset], argv)
+    except SystemExit as e:
+        status = e.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+# ------------------------------------------------------------------ the step
+@pytest.fixture(scope="module")
+def small_batch(meld_dir):
+    data = load_conversations("MELD", meld_dir)
+    batch = next(iter(make_loaders(data, 3, shuffle_train=False)["train"]))
+    return data, batch
+
+
+def _step_grads(data, batch, settings, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(data.n_classes, data.n_speakers, data.dims["audio"], data.dims["visual"], dropout=0.0)
+    model = M3Net(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)    # lr 0: the step leaves the gradients to inspect
+    step = DGSStep(model, opt, torch.nn.NLLLoss(), settings)
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*a, **k):
+        calls.append(1)
+        return real_grad(*a, **k)
+
+    torch.autograd.grad = counting_grad
+    try:
+        stats = step(batch, modulation_on=True)
+    finally:
+        torch.autograd.grad = real_grad
+    return model, stats, len(calls)
+
+
+def _reference_grads(model, batch):
+    out = model(batch)
+    labels = utterance_labels(batch, out)
+    loss_mm = torch.nn.NLLLoss()(out.log_probs, labels)
+    loss_uni = sum(unimodal_losses(out.unimodal_logits, labels).values())
+    params = list(model.parameters())
+    g_mm = torch.autograd.grad(loss_mm, params, retain_graph=True, allow_unused=True)
+    g_u = torch.autograd.grad(loss_uni, params, allow_unused=True)
+    return out, labels, dict(zip(map(id, params), g_mm)), dict(zip(map(id, params), g_u))
+
+
+def test_dgs_step_gradients_follow_the_spec(small_batch):
+    data, batch = small_batch
+    model, stats, backward_calls = _step_grads(data, batch, DGSSettings(modulation="OGM", pareto_gamma=0.5))
+    assert backward_calls == 2
+    out, labels, g_mm, g_u = _reference_grads(model, batch)
+    groups = model.encoder_groups()
+    scores = modality_scores(model, out, labels)
+    assert torch.allclose(stats["shapley"], scores, atol=1e-6)
+    kappa = ogm_coefficients(scores, 0.6)
+    for i, m in enumerate(model.cfg.modalities):
+        merged, cos = pareto_combine([g_mm[id(p)] for p in groups[m]], [g_u[id(p)] for p in groups[m]], 0.5)
+        assert stats["cos"][i].item() == pytest.approx(cos.item(), abs=1e-5)
+        for p, g in zip(groups[m], merged):
+            assert torch.allclose(p.grad, kappa[i] * g, rtol=1e-4, atol=1e-7)
+        head = getattr(model, f"head_{m}")
+        assert torch.allclose(head.weight.grad, g_u[id(head.weight)], atol=1e-7)
+    assert torch.allclose(model.smax_fc.weight.grad, g_mm[id(model.smax_fc.weight)], atol=1e-7)
+    assert g_u[id(model.smax_fc.weight)] is None
+
+
+def test_plain_step_is_one_backward_of_the_summed_loss(small_batch):
+    data, batch = small_batch
+    model, stats, backward_calls = _step_grads(data, batch, DGSSettings(pareto=False, shapley=False, modulation="Normal"))
+    assert backward_calls == 1
+    assert "shapley" not in stats and "cos" not in stats
+    _, _, g_mm, g_u = _reference_grads(model, batch)
+    w = model.linear_a.weight
+    assert torch.allclose(w.grad, g_mm[id(w)] + g_u[id(w)], atol=1e-7)
+
+
+# ------------------------------------------------------------------ full runs
+def test_training_run_writes_every_output(capsys, tmp_path, iemocap_dir):
+    log = tmp_path / "run"
+    status, out, err = run_main(capsys, ["--data-dir", str(iemocap_dir), "--log-dir", str(log), *FAST, "--epochs", "2"],
+                                dataset="IEMOCAP")
+    assert status == 0, err
+    assert "epoch 1/2" in out and "epoch 2/2" in out and "selected epoch" in out
+    for name in ("train.log", "metrics.jsonl", "best.pt", "last.pt", "summary.json"):
+        assert (log / name).is_file(), name
+    assert not list(log.glob(".*tmp"))
+    records = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    r = records[0]
+    assert set(r) >= {"epoch", "train", "test", "modalities", "lr", "epoch_time_s"}
+    assert set(r["test"]) == {"loss", "acc", "weighted_f1", "macro_f1", "micro_f1"}
+    assert set(r["modalities"]) == {"l", "a", "v"}
+    assert set(r["modalities"]["a"]) == {"loss", "shapley", "coeff", "cos", "conflict_frac"}
+    assert 0.0 <= r["modalities"]["a"]["conflict_frac"] <= 1.0
+    assert 0.0 < r["modalities"]["l"]["coeff"] <= 1.0
+    summary = json.loads((log / "summary.json").read_text())
+    assert "reference protocol" in summary["selected_by"]
+    assert len(summary["test_confusion_matrix"]) == 6
+    assert "selected epoch" in (log / "train.log").read_text()
+
+
+def test_same_seed_same_metrics_and_resume_matches(capsys, tmp_path, meld_dir):
+    common = ["--data-dir", str(meld_dir), *FAST, "--valid", "0.25"]
+    assert run_main(capsys, [*common, "--log-dir", str(tmp_path / "a")])[0] == 0
+    assert run_main(capsys, [*common, "--log-dir", str(tmp_path / "b")])[0] == 0
+    assert run_main(capsys, [*common, "--log-dir", str(tmp_path / "c"), "--epochs", "1"])[0] == 0
+    status, out, err = run_main(capsys, ["--resume", "--log-dir", str(tmp_path / "c"), "--epochs", "2"])
+    assert status == 0, err
+    assert "resumed" in out
+
+    def metrics(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "epoch_time_s"} for line in lines]
+
+    assert metrics("a") == metrics("b")
+    assert metrics("a") == metrics("c")
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert "validation" in summary["selected_by"]
+    assert "valid" in metrics("a")[0]
+
+
+def test_testing_mode_reproduces_the_checkpoint_predictions(capsys, tmp_path, meld_dir):
+    train_dir, test_dir = tmp_path / "train", tmp_path / "test"
+    assert run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(train_dir), *FAST, "--epochs", "1"])[0] == 0
+    status, out, err = run_main(capsys, ["--testing", "--checkpoint", str(train_dir / "best.pt"),
+                                         "--data-dir", str(meld_dir), "--log-dir", str(test_dir), *FAST])
+    assert status == 0, err
+    result = json.loads((test_dir / "test_metrics.json").read_text())
+    assert set(result) == {"acc", "weighted_f1", "macro_f1", "micro_f1", "n_utterances", "predictions"}
+    data = load_conversations("MELD", meld_dir)
+    assert result["n_utterances"] == len(result["predictions"]) == data.utterances("test")
+    record = json.loads((train_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert result["weighted_f1"] == pytest.approx(record["test"]["weighted_f1"])
+    assert f"weighted F1 {result['weighted_f1']:.2f}" in out
+
+
+def test_raw_state_dict_with_m3net_extra_keys_is_tested(capsys, tmp_path, meld_dir):
+    data = load_conversations("MELD", meld_dir)
+    model = M3Net(ModelConfig(7, 9, data.dims["audio"], data.dims["visual"]))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head_")}
+    state["graph_model.hyperconv1.weight"] = torch.zeros(512, 512)
+    state["hidfc.weight"] = torch.zeros(7, 512)
+    torch.save(state, tmp_path / "best_model.pth.tar")
+    status, out, err = run_main(capsys, ["--testing", "--checkpoint", str(tmp_path / "best_model.pth.tar"),
+                                         "--data-dir", str(meld_dir), "--log-dir", str(tmp_path / "t"), *FAST])
+    assert status == 0, err
+    assert "initialised head_l.weight" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modals", "xyz"], "--modals"),
+    (["--modulation", "Fancy"], "invalid choice"),
+    (["--valid", "1.5"], "--valid"),
+    (["--testing"], "--testing needs --checkpoint"),
+    (["--Dataset", "IEMOCAP"], "train_OGM_Shapley_MMPareto_IEMOCAP.py"),
+    (["--resume"], "last.pt does not exist"),
+    (["--data-dir", "/nonexistent/dir"], "synthetic"),
+    (["--checkpoint", "/nonexistent/ckpt.pt"], "no such file"),
+])
+def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, meld_dir, argv, message):
+    if "--data-dir" not in argv:
+        argv = [*argv, "--data-dir", str(meld_dir)]
+    status, out, err = run_main(capsys, [*argv, "--log-dir", str(tmp_path / "x"), *FAST])
+    assert status == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_incompatible_checkpoint_names_the_flag(capsys, tmp_path, meld_dir):
+    data = load_conversations("MELD", meld_dir)
+    model = M3Net(ModelConfig(7, 9, data.dims["audio"], data.dims["visual"], num_L=3))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    status, _, err = run_main(capsys, ["--testing", "--checkpoint", str(tmp_path / "m.pt"), "--data-dir",
+                                       str(meld_dir), "--log-dir", str(tmp_path / "t"), *FAST])
+    assert status == 2
+    assert "--num_L 3" in err and "hyperconv2" in err
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(capsys, tmp_path, meld_dir, monkeypatch):
+    real_loss = entry.multimodal_loss
+    calls = []
+
+    class NaNAfterFirstEpoch(torch.nn.Module):
+        def __init__(self, inner, train_steps):
+            super().__init__()
+            self.inner, self.train_steps = inner, train_steps
+
+        def forward(self, log_probs, labels):
+            loss = self.inner(log_probs, labels)
+            if torch.is_grad_enabled():
+                calls.append(1)
+                if len(calls) == self.train_steps + 2:      # epoch 1, step 1
+                    return loss * float("nan")
+            return loss
+
+    data = load_conversations("MELD", meld_dir)
+    steps = -(-len(data.splits["train"]) // 4)
+    monkeypatch.setattr(entry, "multimodal_loss", lambda *a: NaNAfterFirstEpoch(real_loss(*a), steps))
+    log = tmp_path / "nan"
+    status, out, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, "--epochs", "3"])
+    assert status == 1
+    assert "epoch 1, step 1" in err
+    assert torch.load(log / "last.pt", weights_only=True)["epoch"] == 0
+
+
+def test_seed_readme_command_runs_from_inside_run(tmp_path, meld_dir):
+    """The seed README's MELD command (one epoch), run from inside run/ with the data in the current directory."""
+    run_dir = tmp_path / "repo" / "run"
+    run_dir.mkdir(parents=True)
+    script = run_dir / "train_OGM_Shapley_MMPareto_MELD.py"
+    script.write_text((REPO / "run" / script.name).read_text().replace(
+        "Path(__file__).resolve().parents[1]", repr(str(REPO))))
+    (run_dir / "MELD_features").symlink_to(Path(meld_dir) / "MELD_features")
+    cmd = [sys.executable, "-u", script.name, "--base-model", "GRU", "--dropout", "0.4", "--lr", "0.00001",
+           "--batch-size", "8", "--graph_type=hyper", "--use_topic", "--epochs=1", "--graph_construct=direct",
+           "--multi_modal", "--use_modal", "--mm_fusion_mthd=concat_DHT", "--modals=avl", "--Dataset=MELD",
+           "--norm", "BN", "--num_L=1", "--num_K=1", "--modulation_ends=50", "--alpha_=0.6"]
+    done = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "epoch 1/1" in done.stdout
+    assert len(list((run_dir / "runs").glob("MELD-*/summary.json"))) == 1
