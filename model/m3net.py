@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from dataloader.batch import Batch
 from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
@@ -119,6 +120,8 @@ class M3Net(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # --av_using_lstm: audio/visual RNNs of the base model's kind; an LSTM beside a Transformer.
+        self._av_rnn = "gru" if cfg.base_model == "GRU" else "lstm"
         for suffix in "abcd":
             setattr(self, f"normBN{suffix}", nn.BatchNorm1d(TEXT_DIM))
             setattr(self, f"normLN{suffix}", nn.LayerNorm(TEXT_DIM))
@@ -138,7 +141,7 @@ class M3Net(nn.Module):
         if cfg.av_using_lstm:
             for m in "av":
                 if m in mods:
-                    setattr(self, f"{rnn_prefix}_{m}", _context_rnn(cfg.base_model, cfg.dropout))
+                    setattr(self, f"{self._av_rnn}_{m}", _context_rnn(self._av_rnn.upper(), cfg.dropout))
         self.graph_model = GraphModel(cfg)
         width = (NODE_DIM + 2 * HIDDEN_DIM if cfg.use_residue else 2 * HIDDEN_DIM) * len(mods)
         self.smax_fc = nn.Linear(width, cfg.n_classes)
@@ -180,7 +183,7 @@ class M3Net(nn.Module):
             else:
                 z = getattr(self, f"linear_{m}")(batch.audio if m == "a" else batch.visual)
                 if self.cfg.av_using_lstm:
-                    z = self._context(f"{rnn}_{m}", z)
+                    z = self._context(f"{self._av_rnn}_{m}", z)
             encoded[m] = z
         return encoded
 
@@ -218,9 +221,11 @@ class M3Net(nn.Module):
 
     def forward(self, batch: Batch) -> ModelOutput:
         graph = self.graph_for(batch)
-        encoded = self.encode(batch)
-        nodes = self.graph_nodes(encoded, batch)
-        log_probs = self.fuse(nodes, graph)
+        with record_function("m3net.encoders"):
+            encoded = self.encode(batch)
+        with record_function("m3net.graph"):
+            nodes = self.graph_nodes(encoded, batch)
+            log_probs = self.fuse(nodes, graph)
         unimodal = {m: getattr(self, f"head_{m}")(graph.gather_utterances(z.transpose(0, 1)))
                     for m, z in encoded.items()}
         return ModelOutput(log_probs, unimodal, encoded, nodes, graph)

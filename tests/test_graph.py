@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.graph import (HYPEREDGE_CAPACITY, GraphCapacityError, HighFrequencyConv, HypergraphConv,
                          build_graph)

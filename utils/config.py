@@ -75,7 +75,7 @@ def build_parser(dataset: str, defaults: dict[str, Any]) -> argparse.ArgumentPar
     g.add_argument("--mm_fusion_mthd", default="concat_DHT", help=_no_effect("always concat_DHT"))
     g.add_argument("--modals", default="avl", help="modalities to use: any non-empty subset of 'avl'")
     g.add_argument("--av_using_lstm", action="store_true",
-                   help="run audio/visual through their own 2-layer bidirectional RNN (GRU/LSTM as --base-model)")
+                   help="run audio/visual through their own 2-layer bidirectional RNN (a GRU with --base-model GRU, else an LSTM)")
     g.add_argument("--Deep_GCN_nlayers", type=int, default=4, help=_no_effect())
     g.add_argument("--Dataset", default=dataset, choices=DATASETS, help="must match the script")
     g.add_argument("--use_speaker", action=flag, default=True, help="add speaker embeddings to text nodes")
@@ -123,8 +123,6 @@ def check_args(args: argparse.Namespace, dataset: str) -> None:
                         f"use run/train_OGM_Shapley_MMPareto_{args.Dataset}.py")
     if not args.modals or set(args.modals) - set("avl") or len(set(args.modals)) != len(args.modals):
         raise UserError(f"--modals {args.modals!r}: give a non-empty subset of 'avl' without repeats")
-    if args.av_using_lstm and args.base_model == "Transformer":
-        raise UserError("--av_using_lstm needs --base-model GRU or LSTM")
     for name in ("batch_size", "epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from dataloader.batch import Batch
 from model.m3net import M3Net, ModelOutput
@@ -63,51 +64,59 @@ class DGSStep:
 
     def __call__(self, batch: Batch, modulation_on: bool) -> dict[str, torch.Tensor]:
         s = self.settings
-        out = self.model(batch)
-        labels = utterance_labels(batch, out)
-        loss_mm = self.loss_mm(out.log_probs, labels)
-        loss_uni = unimodal_losses(out.unimodal_logits, labels)
+        with record_function("dgs.forward"):
+            out = self.model(batch)
+            labels = utterance_labels(batch, out)
+            loss_mm = self.loss_mm(out.log_probs, labels)
+            loss_uni = unimodal_losses(out.unimodal_logits, labels)
         stats = {"loss_mm": loss_mm.detach(), "loss_uni": torch.stack(list(loss_uni.values())).detach(),
                  "log_probs": out.log_probs.detach(), "labels": labels}
 
         coeff = None
         if s.shapley:
-            stats["shapley"] = modality_scores(self.model, out, labels)
+            with record_function("dgs.valuation"):
+                stats["shapley"] = modality_scores(self.model, out, labels)
             if modulation_on and s.modulation != "Normal":
                 coeff = ogm_coefficients(stats["shapley"], s.alpha)
                 stats["coeff"] = coeff
 
-        grads = self._gradients(loss_mm, sum(loss_uni.values()), stats)
-        if coeff is not None:
+        with record_function("dgs.backward"):
+            grads, g_uni = self._backward(loss_mm, sum(loss_uni.values()))
+        with record_function("dgs.shaping"):
+            cosines = []
             for i, m in enumerate(self.modalities):
                 ids = [id(p) for p in self.groups[m]]
-                shaped = modulate([grads[k] for k in ids], coeff[i], s.modulation == "OGM_GE")
-                grads.update(zip(ids, shaped))
+                if g_uni is not None:
+                    merged, cos = pareto_combine([_or_zeros(grads[k], p) for k, p in zip(ids, self.groups[m])],
+                                                 [_or_zeros(g_uni[k], p) for k, p in zip(ids, self.groups[m])],
+                                                 s.pareto_gamma)
+                    grads.update(zip(ids, merged))
+                    cosines.append(cos)
+                if coeff is not None:
+                    grads.update(zip(ids, modulate([grads[k] for k in ids], coeff[i], s.modulation == "OGM_GE")))
+            if cosines:
+                stats["cos"] = torch.stack(cosines)
 
-        for p in self.params:
-            p.grad = grads.get(id(p))
-        self.optimizer.step()
+        with record_function("dgs.optimizer"):
+            for p in self.params:
+                p.grad = grads.get(id(p))
+            self.optimizer.step()
         return stats
 
-    def _gradients(self, loss_mm: torch.Tensor, loss_uni: torch.Tensor,
-                   stats: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Per-parameter gradients (keyed by id): encoders get the merged gradient, heads ∂L_m, the rest ∂L_mm."""
+    def _backward(self, loss_mm: torch.Tensor, loss_uni: torch.Tensor
+                  ) -> tuple[dict[int, torch.Tensor | None], dict[int, torch.Tensor | None] | None]:
+        """Gradients keyed by parameter id, and, for MMPareto, the unimodal ones apart.
+
+        Without MMPareto only g_mm + g_u is needed: the gradient of the summed loss, one backward
+        pass. With it, ∂L_mm over everything and ∂ΣL_m over encoders and heads: two passes. Either
+        way heads end up with ∂L_m and the graph and classifier with ∂L_mm.
+        """
         if not self.settings.pareto:
-            # g_mm + g_u is the gradient of the sum: one backward pass.
-            return _named(self.params, torch.autograd.grad(loss_mm + loss_uni, self.params, allow_unused=True))
+            return _named(self.params, torch.autograd.grad(loss_mm + loss_uni, self.params, allow_unused=True)), None
         g_mm = _named(self.params, torch.autograd.grad(loss_mm, self.params, retain_graph=True, allow_unused=True))
         g_uni = _named(self.unimodal_params, torch.autograd.grad(loss_uni, self.unimodal_params, allow_unused=True))
-        grads = {**g_mm, **{id(p): g_uni[id(p)] for p in self.head_params}}
-        cosines = []
-        for m in self.modalities:
-            ids = [id(p) for p in self.groups[m]]
-            merged, cos = pareto_combine([_or_zeros(g_mm[k], p) for k, p in zip(ids, self.groups[m])],
-                                         [_or_zeros(g_uni[k], p) for k, p in zip(ids, self.groups[m])],
-                                         self.settings.pareto_gamma)
-            grads.update(zip(ids, merged))
-            cosines.append(cos)
-        stats["cos"] = torch.stack(cosines)
-        return grads
+        g_mm.update((id(p), g_uni[id(p)]) for p in self.head_params)
+        return g_mm, g_uni
 
 
 def _named(params: list[nn.Parameter], grads: tuple) -> dict[int, torch.Tensor | None]:

@@ -16,6 +16,7 @@ from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state, read_checkpoint
 from model.m3net import M3Net, ModelConfig
 from utils.config import parse_args
+from utils.cpu_memory import keep_freed_memory
 from utils.dgs import DGSSettings, DGSStep
 from utils.errors import UserError
 from utils.losses import inverse_prior_weights, multimodal_loss
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = None) -> None:
     """Parse flags, then train or test. User errors: one line on stderr, exit status 2."""
+    keep_freed_memory()
     try:
         args = parse_args(dataset, defaults, argv)
         if args.testing:

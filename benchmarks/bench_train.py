@@ -1,0 +1,181 @@
+"""Step and epoch time, and peak memory, of plain training vs full DGS (SPEC §6).
+
+    python benchmarks/bench_train.py --Dataset IEMOCAP MELD --device cpu [cuda] [--json out.json]
+
+Data: real-size synthetic sets (made once under --data-dir if missing). For each dataset,
+device and configuration (plain = `--modulation Normal --no-pareto --no-shapley`, dgs = the
+default), it times `--steps` training steps after `--warmup` ones (median), then `--epochs`
+full epochs (train + test eval, median), and records peak memory (CPU: peak RSS of the process
+so far; CUDA: peak allocated). A profiled DGS step gives the breakdown by phase (encoders,
+graph, valuation, backward, shaping, optimizer). Prints a table; --json writes everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataloader.datasets import load_conversations  # noqa: E402
+from dataloader.loaders import make_loaders  # noqa: E402
+from dataloader.synthetic import generate  # noqa: E402
+from model.m3net import M3Net, ModelConfig  # noqa: E402
+from utils.cpu_memory import keep_freed_memory  # noqa: E402
+from utils.dgs import DGSSettings, DGSStep  # noqa: E402
+from utils.losses import multimodal_loss  # noqa: E402
+from utils.trainer import evaluate  # noqa: E402
+
+CONFIGS = {
+    "plain": DGSSettings(pareto=False, shapley=False, modulation="Normal"),
+    "dgs": DGSSettings(),
+}
+README_FLAGS = {"IEMOCAP": dict(lr=1e-4, dropout=0.5, use_modal=True, pareto_gamma=0.2),
+                "MELD": dict(lr=1e-5, dropout=0.4, use_modal=False, pareto_gamma=1.0)}
+PHASES = ("m3net.encoders", "m3net.graph", "dgs.valuation", "dgs.backward", "dgs.shaping", "dgs.optimizer")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(data, device: torch.device, settings: DGSSettings, flags: dict, args) -> tuple[M3Net, DGSStep, torch.nn.Module]:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_classes=data.n_classes, n_speakers=data.n_speakers, audio_dim=data.dims["audio"],
+                      visual_dim=data.dims["visual"], num_L=args.num_L, num_K=args.num_K,
+                      use_modal=flags["use_modal"], dropout=flags["dropout"])
+    model = M3Net(cfg).to(device)
+    loss = multimodal_loss(data.dataset, None).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=flags["lr"], weight_decay=3e-5)
+    settings = DGSSettings(pareto=settings.pareto, shapley=settings.shapley, modulation=settings.modulation,
+                           pareto_gamma=flags["pareto_gamma"])
+    return model, DGSStep(model, optimizer, loss, settings), loss
+
+
+def time_steps(step: DGSStep, batches: list, device: torch.device, warmup: int, steps: int) -> list[float]:
+    step.model.train()
+    times = []
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)].to(device)
+        sync(device)
+        start = time.perf_counter()
+        step(batch, modulation_on=True)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def time_epoch(step: DGSStep, loaders: dict, loss, device: torch.device, dataset: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    step.model.train()
+    for batch in loaders["train"]:
+        step(batch.to(device, non_blocking=True), modulation_on=True)
+    evaluate(step.model, loaders["test"], loss, device, dataset)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def breakdown(step: DGSStep, batch, device: torch.device) -> dict[str, float]:
+    """Milliseconds per phase of one profiled step (device time on CUDA, CPU time otherwise)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    step.model.train()
+    with torch.profiler.profile(activities=activities) as prof:
+        step(batch.to(device), modulation_on=True)
+        sync(device)
+    result = {}
+    for event in prof.key_averages():
+        if event.key in PHASES:
+            total = event.device_time_total if device.type == "cuda" else event.cpu_time_total
+            result[event.key] = total / 1000
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--Dataset", nargs="+", default=["IEMOCAP", "MELD"], choices=["IEMOCAP", "MELD"])
+    p.add_argument("--device", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    p.add_argument("--data-dir", default="data/bench", help="real-size synthetic data (generated if missing)")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num_L", type=int, default=1)
+    p.add_argument("--num_K", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=1, help="timed full epochs per configuration (median)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    keep_freed_memory()
+
+    results = []
+    for dataset in args.Dataset:
+        root = Path(args.data_dir) / dataset
+        if not (root / f"{dataset}_features").is_dir():
+            print(f"generating synthetic {dataset} (scale {args.scale}) in {root}", flush=True)
+            generate(dataset, root, scale=args.scale, seed=0)
+        data = load_conversations(dataset, root)
+        loaders = make_loaders(data, args.batch_size, seed=0)
+        batches = list(loaders["train"])[: args.warmup + args.steps]
+        for device_name in args.device:
+            device = torch.device(device_name)
+            for name in args.configs:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                model, step, loss = build(data, device, CONFIGS[name], README_FLAGS[dataset], args)
+                step_times = time_steps(step, batches, device, args.warmup, args.steps)
+                epoch_times = [time_epoch(step, loaders, loss, device, dataset) for _ in range(args.epochs)]
+                row = {"dataset": dataset, "device": device_name, "config": name,
+                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+                       "step_s_median": statistics.median(step_times), "epoch_s_median": statistics.median(epoch_times),
+                       "peak_mem_mib": peak_memory_mib(device), "step_times": step_times, "epoch_times": epoch_times}
+                if name == "dgs":
+                    row["breakdown_ms"] = breakdown(step, batches[0], device)
+                results.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("step_times", "epoch_times")}), flush=True)
+                del model, step
+
+    print()
+    print(f"{'dataset':8} {'device':6} {'config':6} {'step s':>8} {'epoch s':>8} {'peak MiB':>9}  dgs/plain")
+    for row in results:
+        plain = next(r for r in results if r["dataset"] == row["dataset"] and r["device"] == row["device"]
+                     and r["config"] == "plain") if "plain" in args.configs else None
+        ratio = f"{row['step_s_median'] / plain['step_s_median']:.2f}x" if plain and row["config"] == "dgs" else ""
+        print(f"{row['dataset']:8} {row['device']:6} {row['config']:6} {row['step_s_median']:8.3f} "
+              f"{row['epoch_s_median']:8.2f} {row['peak_mem_mib']:9.0f}  {ratio}")
+    for row in results:
+        if "breakdown_ms" in row:
+            parts = ", ".join(f"{k.split('.')[1]} {v:.0f}" for k, v in row["breakdown_ms"].items())
+            print(f"DGS step breakdown (ms) {row['dataset']} {row['device']}: {parts}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" x{torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main()
