@@ -166,7 +166,8 @@ class Trainer:
                    "test_confusion_matrix": matrix}
         write_json(self.log.dir / "summary.json", summary)
         test = best["record"]["test"]
-        self.log.line(f"selected epoch {best['epoch']} by {protocol}: test acc {test['acc']:.2f} "
+        self.log.line(f"selected epoch {best['epoch'] + 1}/{self.args.epochs} (epoch {best['epoch']} in "
+                      f"metrics.jsonl) by {protocol}: test acc {test['acc']:.2f} "
                       f"weighted F1 {test['weighted_f1']:.2f} macro F1 {test['macro_f1']:.2f} "
                       f"micro F1 {test['micro_f1']:.2f}")
         self.log.line(text.rstrip())
