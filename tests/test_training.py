@@ -249,3 +249,13 @@ def test_seed_readme_command_runs_from_inside_run(tmp_path, meld_dir):
     assert done.returncode == 0, done.stderr
     assert "epoch 1/1" in done.stdout
     assert len(list((run_dir / "runs").glob("MELD-*/summary.json"))) == 1
+
+
+def test_new_run_refuses_a_log_dir_holding_a_run(capsys, tmp_path, meld_dir):
+    log = tmp_path / "old"
+    log.mkdir()
+    (log / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST])
+    assert status == 2
+    assert "already holds a run" in err and "--resume" in err
+    assert (log / "metrics.jsonl").read_text() == '{"epoch": 0}\n'

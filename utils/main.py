@@ -111,8 +111,11 @@ def setup(args: argparse.Namespace) -> tuple[Conversations, dict, M3Net, torch.n
 def train(args: argparse.Namespace) -> None:
     if args.resume:
         args = resumed_args(args)
+    elif args.log_dir and (Path(args.log_dir) / "metrics.jsonl").exists():
+        raise UserError(f"--log-dir {args.log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
-    log.line(f"{args.Dataset}: " + ", ".join(f"{s} {len(d)} dialogues" for s, d in data.splits.items()) + f" on {device}; log dir {log.dir}")
+    splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in loaders.items())
+    log.line(f"{args.Dataset}: {splits}; on {device}; log dir {log.dir}")
     log.line("flags: " + " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())))
     if args.checkpoint:
         load_weights(model, args.checkpoint, log)
