@@ -29,19 +29,17 @@ class Batch:
     lengths: torch.Tensor
     ids: list
 
+    def _map_tensors(self, fn) -> "Batch":
+        """Apply fn to every tensor that travels to the device (lengths and ids stay on the CPU)."""
+        return Batch(**{f.name: getattr(self, f.name) if f.name in ("lengths", "ids") else fn(getattr(self, f.name))
+                        for f in fields(self)})
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            keep_on_cpu = f.name in ("lengths", "ids")
-            moved[f.name] = value if keep_on_cpu else value.to(device, non_blocking=non_blocking)
-        return Batch(**moved)
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True)."""
-        return Batch(**{f.name: getattr(self, f.name).pin_memory()
-                        if f.name not in ("lengths", "ids") else getattr(self, f.name)
-                        for f in fields(self)})
+        return self._map_tensors(lambda t: t.pin_memory())
 
     @property
     def valid_labels(self) -> torch.Tensor:

@@ -120,22 +120,23 @@ class M3Net(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        # --av_using_lstm: audio/visual RNNs of the base model's kind; an LSTM beside a Transformer.
+        # Module-name prefix of the text RNN (None: Transformer). --av_using_lstm: audio/visual
+        # RNNs of the base model's kind; an LSTM beside a Transformer.
+        self._text_rnn = {"GRU": "gru", "LSTM": "lstm"}.get(cfg.base_model)
         self._av_rnn = "gru" if cfg.base_model == "GRU" else "lstm"
         for suffix in "abcd":
             setattr(self, f"normBN{suffix}", nn.BatchNorm1d(TEXT_DIM))
             setattr(self, f"normLN{suffix}", nn.LayerNorm(TEXT_DIM))
         self.dropout = nn.Dropout(cfg.dropout)
         mods = cfg.modalities
-        rnn_prefix = {"GRU": "gru", "LSTM": "lstm"}.get(cfg.base_model)
         if "a" in mods:
             self.linear_a = nn.Linear(cfg.audio_dim, NODE_DIM)
         if "v" in mods:
             self.linear_v = nn.Linear(cfg.visual_dim, NODE_DIM)
         if "l" in mods:
             self.linear_l = nn.Linear(TEXT_DIM, NODE_DIM)
-            if rnn_prefix:
-                setattr(self, f"{rnn_prefix}_l", _context_rnn(cfg.base_model, cfg.dropout))
+            if self._text_rnn:
+                setattr(self, f"{self._text_rnn}_l", _context_rnn(cfg.base_model, cfg.dropout))
             else:
                 self.trans_l = nn.TransformerEncoderLayer(d_model=NODE_DIM, nhead=4)
         if cfg.av_using_lstm:
@@ -174,12 +175,11 @@ class M3Net(nn.Module):
 
     def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Encoder outputs z_m [T, B, 1024] per present modality (the gradient groups θ_m end here)."""
-        rnn = {"GRU": "gru", "LSTM": "lstm"}.get(self.cfg.base_model)
         encoded = {}
         for m in self.cfg.modalities:
             if m == "l":
                 z = self.linear_l(self._normalise_text(batch.text))
-                z = self._context(f"{rnn}_l" if rnn else "trans_l", z)
+                z = self._context(f"{self._text_rnn}_l" if self._text_rnn else "trans_l", z)
             else:
                 z = getattr(self, f"linear_{m}")(batch.audio if m == "a" else batch.visual)
                 if self.cfg.av_using_lstm:
