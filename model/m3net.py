@@ -19,6 +19,7 @@ from torch.profiler import record_function
 
 from dataloader.batch import Batch
 from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
+from model.rnn import bidirectional_gru
 
 TEXT_DIM = 1024      # RoBERTa feature size
 NODE_DIM = 1024      # Dg: encoder output / graph input
@@ -71,6 +72,10 @@ class GraphModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.modal_embeddings = nn.Embedding(3, NODE_DIM)
+        # Embedding row of each present modality; a buffer so that it moves with the model
+        # (building it per batch would be a blocking host-to-device copy).
+        self.register_buffer("modal_rows", torch.tensor([MODAL_EMBEDDING_ROW[m] for m in cfg.modalities]),
+                             persistent=False)
         self.speaker_embeddings = nn.Embedding(cfg.n_speakers, NODE_DIM)
         self.fc1 = nn.Linear(NODE_DIM, HIDDEN_DIM)
         for i in range(1, cfg.num_L + 1):
@@ -89,8 +94,7 @@ class GraphModel(nn.Module):
             speaker[:, text_row] = self.speaker_embeddings(speakers)
             nodes = nodes + speaker
         if self.cfg.use_modal:
-            rows = torch.tensor([MODAL_EMBEDDING_ROW[m] for m in mods], device=nodes.device)
-            nodes = nodes + self.modal_embeddings(rows)[None, :, None, :]
+            nodes = nodes + self.modal_embeddings(self.modal_rows)[None, :, None, :]
         return nodes
 
     def forward(self, nodes: torch.Tensor, graph: DialogueGraph,
@@ -171,19 +175,37 @@ class M3Net(nn.Module):
         encoder = getattr(self, name)
         if isinstance(encoder, nn.TransformerEncoderLayer):
             return encoder(x)
+        if isinstance(encoder, nn.GRU) and x.device.type == "cpu":
+            # Same function, with a backward that is several times faster than nn.GRU's on the CPU
+            # (model/rnn.py); cuDNN's fused GRU is the faster one on the GPU.
+            return bidirectional_gru(encoder, x)
         return encoder(x)[0]
 
-    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def _project_valid(self, linear: nn.Linear, x: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
+        """linear(x) [T, B, D] computed on real utterances only; padded positions are 0.
+
+        No graph operator reads a padded node as a source and no output keeps one, so what the
+        reference computes there (the bias) never reaches a prediction.
+        """
+        steps, batch = x.shape[:2]
+        rows = graph.flat_valid                                              # positions b*T + t
+        projected = linear(x.transpose(0, 1).reshape(steps * batch, -1).index_select(0, rows))
+        out = projected.new_zeros(steps * batch, projected.shape[-1]).index_copy(0, rows, projected)
+        return out.view(batch, steps, -1).transpose(0, 1)
+
+    def encode(self, batch: Batch, graph: DialogueGraph) -> dict[str, torch.Tensor]:
         """Encoder outputs z_m [T, B, 1024] per present modality (the gradient groups θ_m end here)."""
         encoded = {}
         for m in self.cfg.modalities:
             if m == "l":
                 z = self.linear_l(self._normalise_text(batch.text))
                 z = self._context(f"{self._text_rnn}_l" if self._text_rnn else "trans_l", z)
-            else:
+            elif self.cfg.av_using_lstm:
+                # The RNN reads the padded positions too (as in the reference): project them all.
                 z = getattr(self, f"linear_{m}")(batch.audio if m == "a" else batch.visual)
-                if self.cfg.av_using_lstm:
-                    z = self._context(f"{self._av_rnn}_{m}", z)
+                z = self._context(f"{self._av_rnn}_{m}", z)
+            else:
+                z = self._project_valid(getattr(self, f"linear_{m}"), batch.audio if m == "a" else batch.visual, graph)
             encoded[m] = z
         return encoded
 
@@ -222,7 +244,7 @@ class M3Net(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         graph = self.graph_for(batch)
         with record_function("m3net.encoders"):
-            encoded = self.encode(batch)
+            encoded = self.encode(batch, graph)
         with record_function("m3net.graph"):
             nodes = self.graph_nodes(encoded, batch)
             log_probs = self.fuse(nodes, graph)

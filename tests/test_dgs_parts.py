@@ -83,17 +83,18 @@ def test_min_norm_weight_is_clipped():
 
 
 def test_pareto_agreeing_gradients_are_summed_then_scaled_by_gamma():
-    g_mm, g_u = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 1.0])]
-    merged, cos = pareto_combine(g_mm, g_u, gamma=0.2)
+    g_mm, g_u = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])
+    merged, cos = pareto_combine(g_mm, g_u, [2], gamma=0.2)
     assert cos.item() == pytest.approx(5 / (math.sqrt(5) * math.sqrt(10)))
     # k = ½: n = g_mm + g_u, s = 1 → γ·n
-    assert merged[0].tolist() == pytest.approx([0.8, 0.6])
+    assert merged.tolist() == pytest.approx([0.8, 0.6])
 
 
 def test_pareto_conflicting_gradients_min_norm_and_magnitude_rule():
     g_mm, g_u = [torch.tensor([1.0, 0.0]), torch.tensor([2.0])], [torch.tensor([-1.0, 1.0]), torch.tensor([-1.0])]
-    merged, cos = pareto_combine(g_mm, g_u, gamma=1.0)
     flat_mm, flat_u = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([-1.0, 1.0, -1.0])
+    merged, cos = pareto_combine(flat_mm, flat_u, [2, 1], gamma=1.0)
+    merged = merged.split([2, 1])
     assert cos.item() == pytest.approx(-3 / (math.sqrt(5) * math.sqrt(3)))
     k1 = ((flat_u - flat_mm) @ flat_u / ((flat_mm - flat_u) @ (flat_mm - flat_u))).item()   # (2+1+3)/14
     assert k1 == pytest.approx(6 / 14)
@@ -107,8 +108,8 @@ def test_pareto_conflicting_gradients_min_norm_and_magnitude_rule():
 
 
 def test_pareto_zero_gradients_stay_zero():
-    merged, cos = pareto_combine([torch.zeros(3)], [torch.zeros(3)], gamma=1.0)
-    assert merged[0].tolist() == [0.0, 0.0, 0.0]
+    merged, cos = pareto_combine(torch.zeros(3), torch.zeros(3), [3], gamma=1.0)
+    assert merged.tolist() == [0.0, 0.0, 0.0]
     assert cos.item() == 0.0
 
 
@@ -136,11 +137,16 @@ def test_ogm_single_modality_is_untouched():
 
 def test_modulate_scales_and_adds_noise_with_pre_scaling_std():
     torch.manual_seed(0)
-    g = [torch.randn(20000) * 3.0]
-    assert torch.allclose(modulate(g, torch.tensor(0.5), gaussian_noise=False)[0], 0.5 * g[0])
-    noisy = modulate(g, torch.tensor(0.5), gaussian_noise=True)[0]
-    noise = noisy - 0.5 * g[0]
-    assert noise.std().item() == pytest.approx(g[0].std().item(), rel=0.03)
+    g = torch.cat([torch.randn(20000) * 3.0, torch.randn(30000) * 0.1, torch.randn(1)])
+    sizes = [20000, 30000, 1]
+    assert torch.allclose(modulate(g, sizes, torch.tensor(0.5), gaussian_noise=False), 0.5 * g)
+    noisy = modulate(g, sizes, torch.tensor(0.5), gaussian_noise=True)
+    noise = (noisy - 0.5 * g).split(sizes)
+    # each tensor's noise has that tensor's std (3 and 0.1); a single-element tensor gets none
+    for part, original in zip(noise[:2], g.split(sizes)[:2]):
+        assert part.std().item() == pytest.approx(original.std().item(), rel=0.03)
+        assert abs(part.mean().item()) < 0.03 * original.std().item()
+    assert noise[2].item() == 0.0
 
 
 # ------------------------------------------------------------------ losses

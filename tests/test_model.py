@@ -104,7 +104,7 @@ def test_speaker_and_modal_embeddings(use_speaker, use_modal):
     model = make_model(use_speaker=use_speaker, use_modal=use_modal).eval()
     batch = make_batch((3, 2), seed=2)
     with torch.no_grad():
-        encoded = model.encode(batch)
+        encoded = model.encode(batch, model.graph_for(batch))
         nodes = model.graph_nodes(encoded, batch)
     spk = model.graph_model.speaker_embeddings.weight
     modal = model.graph_model.modal_embeddings.weight          # rows: a, v, l
@@ -235,7 +235,7 @@ def test_bn_uses_statistics_over_padded_positions_in_train_mode():
     lengths = (4, 1, 2)
     batch = make_batch(lengths, seed=7, text_shift=1.5)       # padding (zeros) is far from the mean
     model.train()
-    z = model.encode(batch)["l"]
+    z = model.encode(batch, model.graph_for(batch))["l"]
     with torch.no_grad():
         manual = sum(_bn_manual(batch.text[k], getattr(model, f"normBN{s}").weight,
                                 getattr(model, f"normBN{s}").bias) for k, s in enumerate("abcd")) / 4
@@ -253,7 +253,7 @@ def test_bn_uses_statistics_over_padded_positions_in_train_mode():
                                    rtol=1e-5, atol=1e-6)
         # eval mode uses the running statistics
         model.eval()
-        z_eval = model.encode(batch)["l"]
+        z_eval = model.encode(batch, model.graph_for(batch))["l"]
         manual = sum(((batch.text[k] - getattr(model, f"normBN{s}").running_mean)
                       / torch.sqrt(getattr(model, f"normBN{s}").running_var + 1e-5))
                      * getattr(model, f"normBN{s}").weight + getattr(model, f"normBN{s}").bias
@@ -272,7 +272,7 @@ def test_other_text_norms(norm):
             ln.bias.copy_(torch.randn(1024, generator=g))
     batch = make_batch((4, 1, 2), seed=8, text_shift=1.0)
     with torch.no_grad():
-        z = model.encode(batch)["l"]
+        z = model.encode(batch, model.graph_for(batch))["l"]
         layers = []
         for k, s in enumerate("abcd"):
             x = batch.text[k]                                   # [T, B, 1024]

@@ -83,7 +83,10 @@ def test_dgs_step_gradients_follow_the_spec(small_batch):
     assert torch.allclose(stats["shapley"], scores, atol=1e-6)
     kappa = ogm_coefficients(scores, 0.6)
     for i, m in enumerate(model.cfg.modalities):
-        merged, cos = pareto_combine([g_mm[id(p)] for p in groups[m]], [g_u[id(p)] for p in groups[m]], 0.5)
+        sizes = [p.numel() for p in groups[m]]
+        merged, cos = pareto_combine(torch.cat([g_mm[id(p)].reshape(-1) for p in groups[m]]),
+                                     torch.cat([g_u[id(p)].reshape(-1) for p in groups[m]]), sizes, 0.5)
+        merged = [g.view_as(p) for p, g in zip(groups[m], merged.split(sizes))]
         assert stats["cos"][i].item() == pytest.approx(cos.item(), abs=1e-5)
         for p, g in zip(groups[m], merged):
             assert torch.allclose(p.grad, kappa[i] * g, rtol=1e-4, atol=1e-7)

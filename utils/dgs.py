@@ -35,6 +35,14 @@ class DGSSettings:
     pareto_gamma: float = 1.0    # MMPareto magnitude factor
 
 
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam (L2 weight decay, as the reference), fused into one kernel where this torch has it."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:          # torch < 2.4 fuses on CUDA only
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 def utterance_labels(batch: Batch, out: ModelOutput) -> torch.Tensor:
     """Labels of the real utterances in the model's output order: [N]."""
     return batch.labels.reshape(-1).index_select(0, out.graph.flat_valid)
@@ -57,6 +65,7 @@ class DGSStep:
         self.model, self.optimizer, self.loss_mm, self.settings = model, optimizer, loss_mm, settings
         self.modalities = model.cfg.modalities
         self.groups = model.encoder_groups()
+        self.group_sizes = {m: [p.numel() for p in group] for m, group in self.groups.items()}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.encoder_params = [p for m in self.modalities for p in self.groups[m]]
         self.head_params = model.head_parameters()
@@ -85,15 +94,17 @@ class DGSStep:
         with record_function("dgs.shaping"):
             cosines = []
             for i, m in enumerate(self.modalities):
-                ids = [id(p) for p in self.groups[m]]
+                if g_uni is None and coeff is None:
+                    continue
+                # One flat vector per group: the shaping is a few flat operations, not a loop over tensors.
+                group, sizes = self.groups[m], self.group_sizes[m]
+                flat = _flat(grads, group)
                 if g_uni is not None:
-                    merged, cos = pareto_combine([_or_zeros(grads[k], p) for k, p in zip(ids, self.groups[m])],
-                                                 [_or_zeros(g_uni[k], p) for k, p in zip(ids, self.groups[m])],
-                                                 s.pareto_gamma)
-                    grads.update(zip(ids, merged))
+                    flat, cos = pareto_combine(flat, _flat(g_uni, group), sizes, s.pareto_gamma)
                     cosines.append(cos)
                 if coeff is not None:
-                    grads.update(zip(ids, modulate([grads[k] for k in ids], coeff[i], s.modulation == "OGM_GE")))
+                    flat = modulate(flat, sizes, coeff[i], s.modulation == "OGM_GE")
+                grads.update((id(p), g.view_as(p)) for p, g in zip(group, flat.split(sizes)))
             if cosines:
                 stats["cos"] = torch.stack(cosines)
 
@@ -123,5 +134,6 @@ def _named(params: list[nn.Parameter], grads: tuple) -> dict[int, torch.Tensor |
     return {id(p): g for p, g in zip(params, grads)}
 
 
-def _or_zeros(grad: torch.Tensor | None, param: nn.Parameter) -> torch.Tensor:
-    return torch.zeros_like(param) if grad is None else grad
+def _flat(grads: dict[int, torch.Tensor | None], params: list[nn.Parameter]) -> torch.Tensor:
+    """The gradients of `params` (zeros where a parameter got none) as one flat vector."""
+    return torch.cat([(torch.zeros_like(p) if grads[id(p)] is None else grads[id(p)]).reshape(-1) for p in params])

@@ -17,7 +17,7 @@ from model.checkpoint import load_model_state, read_checkpoint
 from model.m3net import M3Net, ModelConfig
 from utils.config import parse_args
 from utils.cpu_memory import keep_freed_memory
-from utils.dgs import DGSSettings, DGSStep
+from utils.dgs import DGSSettings, DGSStep, make_optimizer
 from utils.errors import UserError
 from utils.losses import inverse_prior_weights, multimodal_loss
 from utils.runlog import RunLog, write_json
@@ -119,7 +119,7 @@ def train(args: argparse.Namespace) -> None:
     log.line("flags: " + " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())))
     if args.checkpoint:
         load_weights(model, args.checkpoint, log)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.l2)
+    optimizer = make_optimizer(model, args.lr, args.l2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_step, gamma=args.lr_decay_ratio)
     settings = DGSSettings(pareto=not args.no_pareto, shapley=not args.no_shapley, modulation=args.modulation,
                            alpha=args.alpha_, pareto_gamma=args.pareto_gamma)

@@ -21,10 +21,13 @@ def ogm_coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.where(ratio > 1, 1 - torch.tanh(alpha * (ratio - 1)), torch.ones_like(ratio))
 
 
-def modulate(grads: list[torch.Tensor], coeff: torch.Tensor, gaussian_noise: bool) -> list[torch.Tensor]:
-    """g ← κ g (+ N(0, std(g)²) noise with OGM-GE, std taken before scaling)."""
-    scaled = torch._foreach_mul(grads, coeff)
+def modulate(grad: torch.Tensor, sizes: list[int], coeff: torch.Tensor, gaussian_noise: bool) -> torch.Tensor:
+    """Flat gradient of one encoder group (tensors of `sizes` concatenated) -> κ g, plus with
+    OGM-GE per-tensor noise N(0, std(g_p)²), the std taken before scaling."""
     if not gaussian_noise:
-        return scaled
-    return [s + torch.randn_like(g) * (g.std() if g.numel() > 1 else torch.zeros((), device=g.device))
-            for s, g in zip(scaled, grads)]
+        return grad * coeff
+    parts = grad.split(sizes)
+    stds = [p.std() if p.numel() > 1 else torch.zeros((), device=grad.device) for p in parts]
+    noise = torch.randn_like(grad)
+    torch._foreach_mul_(noise.split(sizes), stds)
+    return torch.addcmul(noise, grad, coeff)

@@ -6,10 +6,6 @@ import torch
 K_MIN, K_MAX = 0.001, 0.999
 
 
-def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
 def min_norm_weight(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
     """k1 minimising ‖k1·g1 + (1−k1)·g2‖ over [0.001, 0.999] for flat vectors g1, g2 (0-dim tensor).
 
@@ -27,20 +23,23 @@ def cosine(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
     return (g1 @ g2) / norms.clamp_min(1e-12)
 
 
-def pareto_combine(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor], gamma: float
-                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Combine per-tensor gradients of one modality group; returns (gradients, cosine).
+def pareto_combine(g_mm: torch.Tensor, g_uni: torch.Tensor, sizes: list[int], gamma: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine the flat gradients of one modality group; returns (flat gradient, cosine).
 
+    g_mm, g_uni: the group's tensors flattened and concatenated, `sizes` their numels in order.
     Agreeing gradients (cos > 0) get k = (½, ½), conflicting ones the min-norm weights. Per
     tensor p: n_p = 2(k1 g_mm,p + k2 g_u,p), rescaled so its norm is at least that of the plain
     sum, times γ: g_p = γ · max(‖g_mm,p + g_u,p‖ / ‖n_p‖, 1) · n_p.
+    The whole group is a handful of flat operations (per-tensor norms in one fused call), so the
+    cost does not grow with the number of parameter tensors.
     """
-    flat_mm, flat_uni = _flat(g_mm), _flat(g_uni)
-    cos = cosine(flat_mm, flat_uni)
-    k1 = torch.where(cos > 0, torch.full_like(cos, 0.5), min_norm_weight(flat_mm, flat_uni))
-    combined = torch._foreach_add(torch._foreach_mul(g_mm, 2 * k1), torch._foreach_mul(g_uni, 2 * (1 - k1)))
-    sum_norms = torch._foreach_norm(torch._foreach_add(g_mm, g_uni))
-    new_norms = torch._foreach_norm(combined)
-    scales = [gamma * torch.where(n > 0, s / n, torch.ones_like(n)).clamp_min(1.0)
-              for s, n in zip(sum_norms, new_norms)]
-    return torch._foreach_mul(combined, scales), cos
+    cos = cosine(g_mm, g_uni)
+    k1 = torch.where(cos > 0, torch.full_like(cos, 0.5), min_norm_weight(g_mm, g_uni))
+    half = torch.lerp(g_uni, g_mm, k1)                                  # n / 2 = k1 g_mm + (1 − k1) g_u
+    sum_norms = torch.stack(torch._foreach_norm((g_mm + g_uni).split(sizes)))
+    half_norms = torch.stack(torch._foreach_norm(half.split(sizes)))
+    ratio = torch.where(half_norms > 0, sum_norms / (2 * half_norms), torch.ones_like(half_norms))
+    factors = 2 * gamma * ratio.clamp_min(1.0)                          # per tensor, applied to n / 2
+    torch._foreach_mul_(half.split(sizes), list(factors.unbind()))
+    return half, cos

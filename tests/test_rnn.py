@@ -1,0 +1,54 @@
+"""model/rnn.py: the CPU GRU must compute exactly what nn.GRU computes, forward and backward."""
+import pytest
+import torch
+from torch.testing import assert_close
+
+from model.rnn import bidirectional_gru
+
+
+def _gru(input_size: int, hidden: int, layers: int, dropout: float = 0.0) -> torch.nn.GRU:
+    torch.manual_seed(0)
+    return torch.nn.GRU(input_size, hidden, num_layers=layers, bidirectional=True, dropout=dropout).double()
+
+
+@pytest.mark.parametrize("steps,batch,layers", [(1, 1, 1), (7, 3, 2), (12, 2, 3)])
+def test_forward_and_all_gradients_match_nn_gru(steps, batch, layers):
+    gru = _gru(6, 5, layers)
+    x = torch.randn(steps, batch, 6, dtype=torch.double, requires_grad=True)
+    want, got = gru(x)[0], bidirectional_gru(gru, x)
+    assert got.shape == (steps, batch, 10)
+    assert_close(got, want, rtol=0, atol=1e-12)
+    cotangent = torch.randn_like(want)
+    inputs = [x, *gru.parameters()]
+    for g_want, g_got in zip(torch.autograd.grad(want, inputs, cotangent), torch.autograd.grad(got, inputs, cotangent)):
+        assert_close(g_got, g_want, rtol=0, atol=1e-11)
+
+
+def test_gradients_against_finite_differences():
+    gru = _gru(3, 2, 2)
+    x = torch.randn(4, 2, 3, dtype=torch.double, requires_grad=True)
+    params = list(gru.parameters())
+    assert torch.autograd.gradcheck(lambda inp, *ps: bidirectional_gru(gru, inp), (x, *params))
+
+
+def test_reverse_direction_reads_the_padding_first():
+    # Without packing, the reverse direction starts at the last (padded) step, as in the reference:
+    # changing a step after position 0 changes the reverse output at position 0, not the forward one.
+    gru = _gru(4, 3, 1)
+    x = torch.randn(5, 1, 4, dtype=torch.double)
+    y = x.clone()
+    y[4] += 1.0
+    a, b = bidirectional_gru(gru, x), bidirectional_gru(gru, y)
+    assert_close(a[0, 0, :3], b[0, 0, :3])
+    assert (a[0, 0, 3:] - b[0, 0, 3:]).abs().max() > 1e-6
+
+
+def test_dropout_acts_between_layers_in_training_only():
+    gru = _gru(4, 3, 2, dropout=0.5)
+    x = torch.randn(6, 2, 4, dtype=torch.double)
+    gru.eval()
+    assert_close(bidirectional_gru(gru, x), gru(x)[0], rtol=0, atol=1e-12)
+    gru.train()
+    torch.manual_seed(1)
+    dropped = bidirectional_gru(gru, x)
+    assert (dropped - gru.eval()(x)[0]).abs().max() > 1e-3
