@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--num_K", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=1, help="timed full epochs per configuration (median)")
+    p.add_argument("--epochs", type=int, default=1, help="timed full epochs per configuration (median; 0: none)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -154,7 +154,8 @@ def main() -> None:
                 epoch_times = [time_epoch(step, loaders, loss, device, dataset) for _ in range(args.epochs)]
                 row = {"dataset": dataset, "device": device_name, "config": name,
                        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-                       "step_s_median": statistics.median(step_times), "epoch_s_median": statistics.median(epoch_times),
+                       "step_s_median": statistics.median(step_times),
+                       "epoch_s_median": statistics.median(epoch_times) if epoch_times else float("nan"),
                        "peak_mem_mib": peak_memory_mib(device), "loading_s": loading_s,
                        "flags": dict(batch_size=args.batch_size, num_L=args.num_L, num_K=args.num_K, **README_FLAGS[dataset]),
                        "step_times": step_times, "epoch_times": epoch_times}

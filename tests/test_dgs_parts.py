@@ -93,7 +93,7 @@ def test_pareto_agreeing_gradients_are_summed_then_scaled_by_gamma():
 def test_pareto_conflicting_gradients_min_norm_and_magnitude_rule():
     g_mm, g_u = [torch.tensor([1.0, 0.0]), torch.tensor([2.0])], [torch.tensor([-1.0, 1.0]), torch.tensor([-1.0])]
     flat_mm, flat_u = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([-1.0, 1.0, -1.0])
-    merged, cos = pareto_combine(flat_mm, flat_u, [2, 1], gamma=1.0)
+    merged, cos = pareto_combine(flat_mm.clone(), flat_u, [2, 1], gamma=1.0)   # overwrites its first argument
     merged = merged.split([2, 1])
     assert cos.item() == pytest.approx(-3 / (math.sqrt(5) * math.sqrt(3)))
     k1 = ((flat_u - flat_mm) @ flat_u / ((flat_mm - flat_u) @ (flat_mm - flat_u))).item()   # (2+1+3)/14

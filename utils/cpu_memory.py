@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024     # glibc's upper bound on 64-bit
 KEEP_BYTES = 1024 * 1024 * 1024
 
@@ -21,5 +21,7 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
-                and mallopt(M_TRIM_THRESHOLD, KEEP_BYTES) and mallopt(M_TOP_PAD, 64 * 1024 * 1024))
+    # No mmap at all: allocations above glibc's largest mmap threshold (32 MB: the batched
+    # coalition activations, the flat gradient groups) would otherwise still get fresh pages.
+    return bool(mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)
+                and mallopt(M_TOP_PAD, 64 * 1024 * 1024))

@@ -30,4 +30,4 @@ def modulate(grad: torch.Tensor, sizes: list[int], coeff: torch.Tensor, gaussian
     stds = [p.std() if p.numel() > 1 else torch.zeros((), device=grad.device) for p in parts]
     noise = torch.randn_like(grad)
     torch._foreach_mul_(noise.split(sizes), stds)
-    return torch.addcmul(noise, grad, coeff)
+    return noise.addcmul_(grad, coeff)

@@ -11,33 +11,43 @@ def min_norm_weight(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
 
     k1 = ((g2 − g1)·g2) / ‖g1 − g2‖², clipped; identical vectors give the lower clip.
     """
-    diff = g1 - g2
-    denom = diff @ diff
-    k1 = -(diff @ g2) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return _min_norm_weight(g1 @ g1, g2 @ g2, g1 @ g2)
+
+
+def _min_norm_weight(g1g1: torch.Tensor, g2g2: torch.Tensor, g1g2: torch.Tensor) -> torch.Tensor:
+    # From the three dot products: (g2 − g1)·g2 = g2g2 − g1g2, ‖g1 − g2‖² = g1g1 + g2g2 − 2 g1g2.
+    # Used where g1g2 ≤ 0 (conflict), so nothing cancels.
+    denom = g1g1 + g2g2 - 2 * g1g2
+    k1 = (g2g2 - g1g2) / torch.where(denom > 0, denom, torch.ones_like(denom))
     return k1.clamp(K_MIN, K_MAX)
 
 
 def cosine(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
     """Cosine of two flat vectors; 0 when either is zero."""
-    norms = torch.linalg.vector_norm(g1) * torch.linalg.vector_norm(g2)
-    return (g1 @ g2) / norms.clamp_min(1e-12)
+    return _cosine(g1 @ g1, g2 @ g2, g1 @ g2)
+
+
+def _cosine(g1g1: torch.Tensor, g2g2: torch.Tensor, g1g2: torch.Tensor) -> torch.Tensor:
+    return g1g2 / torch.sqrt(g1g1 * g2g2).clamp_min(1e-12)
 
 
 def pareto_combine(g_mm: torch.Tensor, g_uni: torch.Tensor, sizes: list[int], gamma: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine the flat gradients of one modality group; returns (flat gradient, cosine).
 
-    g_mm, g_uni: the group's tensors flattened and concatenated, `sizes` their numels in order.
-    Agreeing gradients (cos > 0) get k = (½, ½), conflicting ones the min-norm weights. Per
-    tensor p: n_p = 2(k1 g_mm,p + k2 g_u,p), rescaled so its norm is at least that of the plain
-    sum, times γ: g_p = γ · max(‖g_mm,p + g_u,p‖ / ‖n_p‖, 1) · n_p.
-    The whole group is a handful of flat operations (per-tensor norms in one fused call), so the
-    cost does not grow with the number of parameter tensors.
+    g_mm, g_uni: the group's tensors flattened and concatenated, `sizes` their numels in order;
+    g_mm is overwritten. Agreeing gradients (cos > 0) get k = (½, ½), conflicting ones the
+    min-norm weights. Per tensor p: n_p = 2(k1 g_mm,p + k2 g_u,p), rescaled so its norm is at
+    least that of the plain sum, times γ: g_p = γ · max(‖g_mm,p + g_u,p‖ / ‖n_p‖, 1) · n_p.
+    The group is a few flat operations (three dot products, per-tensor norms in one fused
+    call), so the cost does not grow with the number of parameter tensors.
     """
-    cos = cosine(g_mm, g_uni)
-    k1 = torch.where(cos > 0, torch.full_like(cos, 0.5), min_norm_weight(g_mm, g_uni))
+    dots = g_mm @ g_mm, g_uni @ g_uni, g_mm @ g_uni
+    cos = _cosine(*dots)
+    k1 = torch.where(cos > 0, torch.full_like(cos, 0.5), _min_norm_weight(*dots))
     half = torch.lerp(g_uni, g_mm, k1)                                  # n / 2 = k1 g_mm + (1 − k1) g_u
-    sum_norms = torch.stack(torch._foreach_norm((g_mm + g_uni).split(sizes)))
+    plain_sum = g_mm.add_(g_uni)
+    sum_norms = torch.stack(torch._foreach_norm(plain_sum.split(sizes)))
     half_norms = torch.stack(torch._foreach_norm(half.split(sizes)))
     ratio = torch.where(half_norms > 0, sum_norms / (2 * half_norms), torch.ones_like(half_norms))
     factors = 2 * gamma * ratio.clamp_min(1.0)                          # per tensor, applied to n / 2
