@@ -10,6 +10,7 @@ import torch
 from dataloader.datasets import load_conversations
 from dataloader.loaders import make_loaders
 from model import M3Net, ModelConfig
+from utils import dgs
 from utils import main as entry
 from utils.dgs import DGSSettings, DGSStep, modality_scores, utterance_labels
 from utils.losses import unimodal_losses
@@ -94,6 +95,21 @@ def test_dgs_step_gradients_follow_the_spec(small_batch):
         assert torch.allclose(head.weight.grad, g_u[id(head.weight)], atol=1e-7)
     assert torch.allclose(model.smax_fc.weight.grad, g_mm[id(model.smax_fc.weight)], atol=1e-7)
     assert g_u[id(model.smax_fc.weight)] is None
+
+
+def test_coalitions_in_chunks_give_the_same_scores_as_one_pass(small_batch, monkeypatch):
+    data, batch = small_batch
+    model = M3Net(ModelConfig(data.n_classes, data.n_speakers, data.dims["audio"], data.dims["visual"])).eval()
+    with torch.no_grad():
+        out = model(batch)
+    labels = utterance_labels(batch, out)
+    scores = {}
+    for per_pass in (1, 2, 3, 8):
+        monkeypatch.setitem(dgs.COALITIONS_PER_PASS, "cpu", per_pass)
+        scores[per_pass] = modality_scores(model, out, labels)
+    for per_pass in (1, 2, 3):
+        assert torch.allclose(scores[per_pass], scores[8], atol=1e-6)
+    assert scores[8].shape == (3,)
 
 
 def test_plain_step_is_one_backward_of_the_summed_loss(small_batch):
