@@ -188,9 +188,8 @@ class M3Net(nn.Module):
         reference computes there (the bias) never reaches a prediction.
         """
         steps, batch = x.shape[:2]
-        rows = graph.flat_valid                                              # positions b*T + t
-        projected = linear(x.transpose(0, 1).reshape(steps * batch, -1).index_select(0, rows))
-        out = projected.new_zeros(steps * batch, projected.shape[-1]).index_copy(0, rows, projected)
+        projected = linear(graph.gather_utterances(x.transpose(0, 1)))
+        out = projected.new_zeros(steps * batch, projected.shape[-1]).index_copy(0, graph.flat_valid, projected)
         return out.view(batch, steps, -1).transpose(0, 1)
 
     def encode(self, batch: Batch, graph: DialogueGraph) -> dict[str, torch.Tensor]:

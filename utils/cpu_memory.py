@@ -1,16 +1,15 @@
 """Keep freed CPU memory in the process (glibc), instead of returning it to the OS after every op.
 
 Every large temporary tensor is a fresh mmap by default, so each step pays page faults for all
-its activations; on small VMs that dominates the step time. Raising glibc's mmap and trim
-thresholds lets malloc reuse the freed heap. No effect (and no error) on other C libraries.
+its activations; on small VMs that dominates the step time. Turning mmap off and raising the
+trim threshold lets malloc reuse the freed heap. No effect (and no error) on other C libraries.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
-MMAP_THRESHOLD_MAX = 32 * 1024 * 1024     # glibc's upper bound on 64-bit
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
 KEEP_BYTES = 1024 * 1024 * 1024
 
 

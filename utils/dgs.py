@@ -101,9 +101,8 @@ class DGSStep:
             grads, g_uni = self._backward(loss_mm, sum(loss_uni.values()))
         with record_function("dgs.shaping"):
             cosines = []
-            for i, m in enumerate(self.modalities):
-                if g_uni is None and coeff is None:
-                    continue
+            shaped = g_uni is not None or coeff is not None
+            for i, m in enumerate(self.modalities if shaped else ()):
                 # One flat vector per group: the shaping is a few flat operations, not a loop over tensors.
                 group, sizes = self.groups[m], self.group_sizes[m]
                 flat = _flat(grads, group)
