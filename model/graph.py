@@ -49,6 +49,7 @@ class DialogueGraph:
     utterance_edge_ids: torch.Tensor  # [B, T] hyperedge index of (dialogue, utterance) (0 at padding)
     high_freq_norm: torch.Tensor      # [B] deg^-1/2 · deg^-1/2 (0 where a node has no edge)
     flat_valid: torch.Tensor          # [N] positions b*T + t of the real utterances
+    flat_valid_nodes: torch.Tensor    # [n_nodes] positions (b*M + m)*T + t of the real nodes, in node order
 
     @property
     def n_nodes(self) -> int:
@@ -106,12 +107,27 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
     degree = (length - 1 + n_modalities - 1).float()
     inv_sqrt = torch.where(degree > 0, degree.pow(-0.5), torch.zeros_like(degree))
     flat_valid = (torch.arange(n_dialogues)[:, None] * max_len + t)[valid]
+    flat_valid_nodes = torch.arange(n_dialogues * n_modalities * max_len).view(n_dialogues, n_modalities, max_len)[
+        valid[:, None, :].expand(-1, n_modalities, -1)]
     return DialogueGraph(
         lengths=lengths, n_modalities=n_modalities,
         valid=valid.to(device), node_ids=node_ids.to(device),
         modality_edge_ids=modality_edge_ids.to(device), utterance_edge_ids=utterance_edge_ids.to(device),
         high_freq_norm=(inv_sqrt * inv_sqrt).to(device), flat_valid=flat_valid.to(device),
+        flat_valid_nodes=flat_valid_nodes.to(device),
     )
+
+
+def project_rows(linear: nn.Linear, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`linear` on the rows `rows` of x viewed as [-1, D]; every other row of the result is 0.
+
+    x [..., D] -> [..., D_out]. With `rows` the real utterances or nodes, the padded positions
+    cost nothing: no operator reads them as a source and no output keeps them.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    projected = linear(flat.index_select(0, rows))
+    out = projected.new_zeros(flat.shape[0], projected.shape[-1]).index_copy(0, rows, projected)
+    return out.view(*x.shape[:-1], -1)
 
 
 class HypergraphConv(nn.Module):

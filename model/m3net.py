@@ -18,7 +18,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from dataloader.batch import Batch
-from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
+from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph, project_rows
 from model.rnn import bidirectional_gru
 
 TEXT_DIM = 1024      # RoBERTa feature size
@@ -57,6 +57,7 @@ class ModelOutput:
     unimodal_logits: dict              # modality -> [N, C]
     encoded: dict                      # modality -> z_m [T, B, 1024]
     nodes: torch.Tensor                # [B, M, T, 1024] graph input
+    projected: torch.Tensor            # [B, M, T, 512] fc1 of the real nodes (0 at padding)
     graph: DialogueGraph
 
 
@@ -97,10 +98,18 @@ class GraphModel(nn.Module):
             nodes = nodes + self.modal_embeddings(self.modal_rows)[None, :, None, :]
         return nodes
 
-    def forward(self, nodes: torch.Tensor, graph: DialogueGraph,
-                coalitions: torch.Tensor | None = None) -> torch.Tensor:
-        """nodes [B, M, T, D] -> per-utterance features [N, M·F] (or [K, N, M·F] for coalitions [K, M])."""
-        x = self.fc1(nodes)
+    def project(self, nodes: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
+        """fc1 of the real nodes: [B, M, T, D] -> [B, M, T, H], 0 at padding (never read)."""
+        return project_rows(self.fc1, nodes, graph.flat_valid_nodes)
+
+    def forward(self, nodes: torch.Tensor, graph: DialogueGraph, coalitions: torch.Tensor | None = None,
+                projected: torch.Tensor | None = None) -> torch.Tensor:
+        """nodes [B, M, T, D] -> per-utterance features [N, M·F] (or [K, N, M·F] for coalitions [K, M]).
+
+        `projected`: `project(nodes, graph)` when the caller has it already (the coalition passes
+        reuse the forward pass's).
+        """
+        x = self.project(nodes, graph) if projected is None else projected
         if coalitions is not None:
             # fc1 of a zeroed node is its bias: mask after the projection instead of projecting K times.
             present = coalitions[:, None, :, None, None]
@@ -181,17 +190,6 @@ class M3Net(nn.Module):
             return bidirectional_gru(encoder, x)
         return encoder(x)[0]
 
-    def _project_valid(self, linear: nn.Linear, x: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
-        """linear(x) [T, B, D] computed on real utterances only; padded positions are 0.
-
-        No graph operator reads a padded node as a source and no output keeps one, so what the
-        reference computes there (the bias) never reaches a prediction.
-        """
-        steps, batch = x.shape[:2]
-        projected = linear(graph.gather_utterances(x.transpose(0, 1)))
-        out = projected.new_zeros(steps * batch, projected.shape[-1]).index_copy(0, graph.flat_valid, projected)
-        return out.view(batch, steps, -1).transpose(0, 1)
-
     def encode(self, batch: Batch, graph: DialogueGraph) -> dict[str, torch.Tensor]:
         """Encoder outputs z_m [T, B, 1024] per present modality (the gradient groups θ_m end here)."""
         encoded = {}
@@ -204,7 +202,10 @@ class M3Net(nn.Module):
                 z = getattr(self, f"linear_{m}")(batch.audio if m == "a" else batch.visual)
                 z = self._context(f"{self._av_rnn}_{m}", z)
             else:
-                z = self._project_valid(getattr(self, f"linear_{m}"), batch.audio if m == "a" else batch.visual, graph)
+                # Real utterances only: what the reference computes at padding (the bias) never
+                # reaches a prediction.
+                features = batch.audio if m == "a" else batch.visual
+                z = project_rows(getattr(self, f"linear_{m}"), features.transpose(0, 1), graph.flat_valid).transpose(0, 1)
             encoded[m] = z
         return encoded
 
@@ -229,10 +230,11 @@ class M3Net(nn.Module):
         speakers = batch.qmask.argmax(-1).transpose(0, 1)                      # [B, T]
         return self.graph_model.add_embeddings(nodes, speakers)
 
-    def fuse(self, nodes: torch.Tensor, graph: DialogueGraph,
-             coalitions: torch.Tensor | None = None, dropout: bool = True) -> torch.Tensor:
-        """Graph + classifier: log-probs [N, C], or [K, N, C] with modalities outside each coalition zeroed."""
-        h = self.graph_model(nodes, graph, coalitions)
+    def fuse(self, nodes: torch.Tensor, graph: DialogueGraph, coalitions: torch.Tensor | None = None,
+             dropout: bool = True, projected: torch.Tensor | None = None) -> torch.Tensor:
+        """Graph + classifier: log-probs [N, C], or [K, N, C] with modalities outside each coalition
+        zeroed. `projected`: the nodes' fc1 output, if already computed."""
+        h = self.graph_model(nodes, graph, coalitions, projected)
         if dropout:
             h = self.dropout(h)
         return F.log_softmax(self.smax_fc(F.relu(h)), dim=-1)
@@ -246,7 +248,8 @@ class M3Net(nn.Module):
             encoded = self.encode(batch, graph)
         with record_function("m3net.graph"):
             nodes = self.graph_nodes(encoded, batch)
-            log_probs = self.fuse(nodes, graph)
+            projected = self.graph_model.project(nodes, graph)
+            log_probs = self.fuse(nodes, graph, projected=projected)
         unimodal = {m: getattr(self, f"head_{m}")(graph.gather_utterances(z.transpose(0, 1)))
                     for m, z in encoded.items()}
-        return ModelOutput(log_probs, unimodal, encoded, nodes, graph)
+        return ModelOutput(log_probs, unimodal, encoded, nodes, projected, graph)

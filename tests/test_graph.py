@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from model.graph import (HYPEREDGE_CAPACITY, GraphCapacityError, HighFrequencyConv, HypergraphConv,
-                         build_graph)
+                         build_graph, project_rows)
 from model.m3net import M3Net, ModelConfig
 from utils.errors import UserError
 
@@ -74,6 +75,9 @@ def test_incidence_list_by_hand():
     assert graph.modality_edge_ids.tolist() == [[0, 1, 2], [5, 6, 7]]
     assert graph.utterance_edge_ids[0].tolist() == [3, 4]
     assert graph.utterance_edge_ids[1, 0].item() == 8
+    # real nodes of the [B, M, T] block, in node order: (b, m, t) = (0,0,0) (0,0,1) (0,1,0) ... (1,2,0)
+    assert graph.flat_valid_nodes.tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 10]
+    assert graph.node_ids.reshape(-1)[graph.flat_valid_nodes].tolist() == list(range(9))
     # the naive reference builds the same list (so it can be trusted below)
     assert ref.incidence([2, 1], 3) == (HAND_NODES, HAND_EDGES)
 
@@ -397,3 +401,16 @@ def test_coalition_fuse_matches_reference(modals, use_residue):
         for k, coalition in enumerate(coalitions.tolist()):
             want = ref.fuse(model, nodes, lengths, coalition)
             assert_close(got[k], want, rtol=1e-6, atol=1e-7)
+
+
+def test_project_rows_applies_the_linear_to_the_listed_rows_only():
+    linear = nn.Linear(2, 3)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        linear.bias.copy_(torch.tensor([10.0, 20.0, 30.0]))
+    x = torch.arange(12.0).view(2, 3, 2)                   # rows (0,0)=[0,1] ... (1,2)=[10,11]
+    out = project_rows(linear, x, torch.tensor([1, 5]))
+    assert out.shape == (2, 3, 3)
+    assert out[0, 1].tolist() == [12.0, 23.0, 35.0]          # [2, 3]
+    assert out[1, 2].tolist() == [20.0, 31.0, 51.0]          # [10, 11]
+    assert out.abs().sum().item() == 12 + 23 + 35 + 20 + 31 + 51

@@ -190,6 +190,21 @@ def test_graph_stage_ignores_padded_positions():
                                    model.fuse(nodes, graph, coalitions, dropout=False), rtol=1e-6, atol=1e-6)
 
 
+def test_valuation_reuses_the_forward_projection():
+    """fc1 runs once per step: the coalition passes take the forward's projection (0 at padding)."""
+    model = randomise_graph(make_model(num_L=1, num_K=2, use_residue=True)).eval()
+    batch = make_batch((2, 5, 1), seed=8)
+    with torch.no_grad():
+        out = model(batch)
+        assert out.projected.shape == (3, 3, 5, 512)
+        assert out.projected[~out.graph.valid[:, None, :].expand(-1, 3, -1)].abs().max() == 0
+        real = out.projected[0, :, :2]
+        assert_close(real, model.graph_model.fc1(out.nodes[0, :, :2]), rtol=1e-5, atol=1e-5)
+        coalitions = all_coalitions(3)
+        assert_close(model.fuse(out.nodes, out.graph, coalitions, dropout=False, projected=out.projected),
+                     model.fuse(out.nodes, out.graph, coalitions, dropout=False), rtol=0, atol=0)
+
+
 def test_graph_stage_weights_are_positional_over_the_batch():
     """Dialogue 2 of a batch reads the weight tables at its global offsets (the reference's quirk)."""
     model = randomise_graph(make_model(modals="av", num_L=2, num_K=1)).eval()

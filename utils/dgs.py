@@ -58,9 +58,9 @@ def modality_scores(model: M3Net, out: ModelOutput, labels: torch.Tensor) -> tor
     """Batch Shapley score s_m = mean_i φ_m,i of each modality: [M] (no dropout in the head)."""
     n_modalities = out.nodes.shape[1]
     coalitions = coalition_masks(n_modalities, labels.device)
-    nodes = out.nodes.detach()
+    nodes, projected = out.nodes.detach(), out.projected.detach()
     per_pass = COALITIONS_PER_PASS.get(labels.device.type, len(coalitions))
-    log_probs = torch.cat([model.fuse(nodes, out.graph, chunk, dropout=False)      # [2^M, N, C]
+    log_probs = torch.cat([model.fuse(nodes, out.graph, chunk, dropout=False, projected=projected)  # [2^M, N, C]
                            for chunk in coalitions.split(per_pass)])
     return shapley_values(true_label_probs(log_probs, labels)).mean(0)
 
