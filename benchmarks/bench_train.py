@@ -6,8 +6,11 @@ Data: real-size synthetic sets (made once under --data-dir if missing). For each
 device and configuration (plain = `--modulation Normal --no-pareto --no-shapley`, dgs = the
 default), it times `--steps` training steps after `--warmup` ones (median), then `--epochs`
 full epochs (train + test eval, median), and records peak memory (CPU: peak RSS of the process
-so far; CUDA: peak allocated). A profiled DGS step gives the breakdown by phase (encoders,
-graph, valuation, backward, shaping, optimizer). Prints a table; --json writes everything.
+so far; CUDA: peak allocated). One profiled step on the first batch counts the GFLOP of each
+configuration (the same batch for both: their ratio is the machine-independent cost of DGS) and,
+for DGS, gives the breakdown by phase (encoders, graph, valuation, backward, shaping, optimizer).
+A [1024, 1024] GEMM before and after each configuration records how fast the machine was.
+Prints a table; --json writes everything.
 """
 from __future__ import annotations
 
@@ -99,22 +102,38 @@ def time_epoch(step: DGSStep, loaders: dict, loss, device: torch.device, dataset
     return time.perf_counter() - start
 
 
-def breakdown(step: DGSStep, batch, device: torch.device) -> dict[str, float]:
-    """Milliseconds per phase of one profiled step (device time on CUDA, CPU time otherwise)."""
+def profile_step(step: DGSStep, batch, device: torch.device) -> tuple[dict[str, float], float]:
+    """One profiled step: milliseconds per phase (device time on CUDA, CPU time otherwise) and the
+    GFLOP of its matrix products (what the profiler counts: mm, bmm, addmm, baddbmm...)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     step.model.train()
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, with_flops=True) as prof:
         step(batch.to(device), modulation_on=True)
         sync(device)
-    result = {}
+    phases, flops = {}, 0
     for event in prof.key_averages():
+        flops += event.flops
         if event.key in PHASES:
             # On CUDA the annotation's GPU span, when the profiler reports one; host time otherwise.
             device_us = getattr(event, "device_time_total", 0) if device.type == "cuda" else 0
-            result[event.key] = (device_us or event.cpu_time_total) / 1000
-    return result
+            phases[event.key] = (device_us or event.cpu_time_total) / 1000
+    return phases, flops / 1e9
+
+
+def gemm_gflops(device: torch.device, size: int = 1024, repeats: int = 7) -> float:
+    """Median GFLOP/s of a float32 [size, size] product now: how fast this machine is at the moment
+    (shared VMs swing several-fold from one minute to the next)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
 def main() -> None:
@@ -150,29 +169,36 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 model, step, loss = build(data, device, CONFIGS[name], README_FLAGS[dataset], args)
+                gemm_before = gemm_gflops(device)
                 step_times = time_steps(step, batches, device, args.warmup, args.steps)
                 epoch_times = [time_epoch(step, loaders, loss, device, dataset) for _ in range(args.epochs)]
+                phases, gflop = profile_step(step, batches[0], device)
                 row = {"dataset": dataset, "device": device_name, "config": name,
                        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
                        "step_s_median": statistics.median(step_times),
                        "epoch_s_median": statistics.median(epoch_times) if epoch_times else float("nan"),
                        "peak_mem_mib": peak_memory_mib(device), "loading_s": loading_s,
+                       "step_gflop": gflop, "gemm_gflops": [gemm_before, gemm_gflops(device)],
                        "flags": dict(batch_size=args.batch_size, num_L=args.num_L, num_K=args.num_K, **README_FLAGS[dataset]),
                        "step_times": step_times, "epoch_times": epoch_times}
                 if name == "dgs":
-                    row["breakdown_ms"] = breakdown(step, batches[0], device)
+                    row["breakdown_ms"] = phases
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("step_times", "epoch_times")}), flush=True)
                 del model, step
 
     print()
-    print(f"{'dataset':8} {'device':6} {'config':6} {'step s':>8} {'epoch s':>8} {'load s':>7} {'peak MiB':>9}  dgs/plain")
+    print(f"{'dataset':8} {'device':6} {'config':6} {'step s':>8} {'epoch s':>8} {'load s':>7} {'peak MiB':>9} "
+          f"{'GFLOP':>7} {'GEMM GF/s':>10}  dgs/plain (time, GFLOP)")
     for row in results:
         plain = next(r for r in results if r["dataset"] == row["dataset"] and r["device"] == row["device"]
                      and r["config"] == "plain") if "plain" in args.configs else None
-        ratio = f"{row['step_s_median'] / plain['step_s_median']:.2f}x" if plain and row["config"] == "dgs" else ""
+        ratio = (f"{row['step_s_median'] / plain['step_s_median']:.2f}x, {row['step_gflop'] / plain['step_gflop']:.2f}x"
+                 if plain and row["config"] == "dgs" else "")
+        gemm = "-".join(f"{g:.0f}" for g in row["gemm_gflops"])
         print(f"{row['dataset']:8} {row['device']:6} {row['config']:6} {row['step_s_median']:8.3f} "
-              f"{row['epoch_s_median']:8.2f} {row['loading_s']:7.2f} {row['peak_mem_mib']:9.0f}  {ratio}")
+              f"{row['epoch_s_median']:8.2f} {row['loading_s']:7.2f} {row['peak_mem_mib']:9.0f} "
+              f"{row['step_gflop']:7.1f} {gemm:>10}  {ratio}")
     for row in results:
         if "breakdown_ms" in row:
             parts = ", ".join(f"{k.split('.')[1]} {v:.0f}" for k, v in row["breakdown_ms"].items())

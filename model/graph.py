@@ -118,17 +118,6 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
     )
 
 
-def project_rows(linear: nn.Linear, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`linear` on the rows `rows` of x viewed as [-1, D]; every other row of the result is 0.
-
-    x [..., D] -> [..., D_out]. With `rows` the real utterances or nodes, the padded positions
-    cost nothing: no operator reads them as a source and no output keeps them.
-    """
-    flat = x.reshape(-1, x.shape[-1])
-    projected = linear(flat.index_select(0, rows))
-    out = projected.new_zeros(flat.shape[0], projected.shape[-1]).index_copy(0, rows, projected)
-    return out.view(*x.shape[:-1], -1)
-
 
 class HypergraphConv(nn.Module):
     r"""One hypergraph propagation step of M3Net (no feature transform: its weight is never read).

@@ -18,7 +18,8 @@ from torch import nn
 from torch.profiler import record_function
 
 from dataloader.batch import Batch
-from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph, project_rows
+from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
+from model.padding import project_rows
 from model.rnn import bidirectional_gru
 
 TEXT_DIM = 1024      # RoBERTa feature size
@@ -179,15 +180,16 @@ class M3Net(nn.Module):
         r1, r2, r3, r4 = normed
         return (r1 + r2 + r3 + r4) / 4
 
-    def _context(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _context(self, name: str, x: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
         """Run the padded sequence through the context encoder `name` (no packing, as the reference)."""
         encoder = getattr(self, name)
         if isinstance(encoder, nn.TransformerEncoderLayer):
             return encoder(x)
         if isinstance(encoder, nn.GRU) and x.device.type == "cpu":
             # Same function, with a backward that is several times faster than nn.GRU's on the CPU
-            # (model/rnn.py); cuDNN's fused GRU is the faster one on the GPU.
-            return bidirectional_gru(encoder, x)
+            # (model/rnn.py); cuDNN's fused GRU is the faster one on the GPU. Encoder outputs at
+            # padded steps are never read, so its last forward direction skips them.
+            return bidirectional_gru(encoder, x, graph.flat_valid)
         return encoder(x)[0]
 
     def encode(self, batch: Batch, graph: DialogueGraph) -> dict[str, torch.Tensor]:
@@ -196,11 +198,11 @@ class M3Net(nn.Module):
         for m in self.cfg.modalities:
             if m == "l":
                 z = self.linear_l(self._normalise_text(batch.text))
-                z = self._context(f"{self._text_rnn}_l" if self._text_rnn else "trans_l", z)
+                z = self._context(f"{self._text_rnn}_l" if self._text_rnn else "trans_l", z, graph)
             elif self.cfg.av_using_lstm:
                 # The RNN reads the padded positions too (as in the reference): project them all.
                 z = getattr(self, f"linear_{m}")(batch.audio if m == "a" else batch.visual)
-                z = self._context(f"{self._av_rnn}_{m}", z)
+                z = self._context(f"{self._av_rnn}_{m}", z, graph)
             else:
                 # Real utterances only: what the reference computes at padding (the bias) never
                 # reaches a prediction.

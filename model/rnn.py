@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.padding import project_rows
+
 
 class _BidirectionalRecurrence(torch.autograd.Function):
     """The recurrent part of one bidirectional layer.
@@ -78,8 +80,13 @@ class _BidirectionalRecurrence(torch.autograd.Function):
         return grad_gi, grad_w_hh, grad_b_hh
 
 
-def bidirectional_gru(gru: nn.GRU, x: torch.Tensor) -> torch.Tensor:
-    """Output of `gru` (bidirectional, sequence-first, zero initial state) for x [T, B, D]: [T, B, 2H]."""
+def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | None = None) -> torch.Tensor:
+    """Output of `gru` (bidirectional, sequence-first, zero initial state) for x [T, B, D]: [T, B, 2H].
+
+    real_steps: positions b·T + t of the real (unpadded) steps. The last layer's forward direction
+    then computes its input projection there only: its outputs at the padding are read by no later
+    step, so they are left unspecified. The reverse direction still starts at the last padded step.
+    """
     hidden = gru.hidden_size
     for layer in range(gru.num_layers):
         if layer > 0:
@@ -89,8 +96,14 @@ def bidirectional_gru(gru: nn.GRU, x: torch.Tensor) -> torch.Tensor:
         b_ih = torch.cat([getattr(gru, f"bias_ih_{n}") for n in names])
         w_hh = torch.stack([getattr(gru, f"weight_hh_{n}") for n in names])          # [2, 3H, H]
         b_hh = torch.stack([getattr(gru, f"bias_hh_{n}") for n in names])
-        gi = F.linear(x, w_ih, b_ih).unflatten(-1, (2, 3 * hidden))                 # [T, B, 2, 3H]
-        gi = torch.stack([gi[:, :, 0], gi[:, :, 1].flip(0)], dim=1)                 # [T, 2, B, 3H]
+        if real_steps is not None and layer == gru.num_layers - 1:
+            three_h = 3 * hidden
+            forward_gi = project_rows(lambda rows: F.linear(rows, w_ih[:three_h], b_ih[:three_h]),
+                                      x.transpose(0, 1), real_steps).transpose(0, 1)         # [T, B, 3H]
+            reverse_gi = F.linear(x, w_ih[three_h:], b_ih[three_h:])
+        else:
+            forward_gi, reverse_gi = F.linear(x, w_ih, b_ih).chunk(2, -1)
+        gi = torch.stack([forward_gi, reverse_gi.flip(0)], dim=1)                   # [T, 2, B, 3H]
         states = _BidirectionalRecurrence.apply(gi, w_hh, b_hh)
         x = torch.cat([states[:, 0], states[:, 1].flip(0)], dim=-1)
     return x

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from model.graph import (HYPEREDGE_CAPACITY, GraphCapacityError, HighFrequencyConv, HypergraphConv,
-                         build_graph, project_rows)
+                         build_graph)
+from model.padding import project_rows
 from model.m3net import M3Net, ModelConfig
 from utils.errors import UserError
 

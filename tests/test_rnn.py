@@ -52,3 +52,26 @@ def test_dropout_acts_between_layers_in_training_only():
     torch.manual_seed(1)
     dropped = bidirectional_gru(gru, x)
     assert (dropped - gru.eval()(x)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_real_steps_leave_every_read_output_and_gradient_unchanged(layers):
+    # lengths (5, 2, 3): the output at real steps and every gradient through it are nn.GRU's.
+    gru = _gru(4, 3, layers)
+    lengths = (5, 2, 3)
+    x = torch.randn(5, 3, 4, dtype=torch.double, requires_grad=True)
+    real = torch.tensor([b * 5 + t for b, n in enumerate(lengths) for t in range(n)])
+    mask = torch.zeros(3, 5, 1, dtype=torch.double)
+    mask.view(-1, 1)[real] = 1.0
+    mask = mask.transpose(0, 1)                                            # [T, B, 1]
+    want, got = gru(x)[0] * mask, bidirectional_gru(gru, x, real) * mask
+    assert_close(got, want, rtol=0, atol=1e-12)
+    cotangent = torch.randn_like(want)
+    inputs = [x, *gru.parameters()]
+    for g_want, g_got in zip(torch.autograd.grad(want, inputs, cotangent), torch.autograd.grad(got, inputs, cotangent)):
+        assert_close(g_got, g_want, rtol=0, atol=1e-11)
+    # the skipped part: the forward direction past a dialogue's end is not nn.GRU's there
+    unmasked = bidirectional_gru(gru, x, real)
+    assert (unmasked[3:, 1, :3] - gru(x)[0][3:, 1, :3]).abs().max() > 1e-6
+    # while the reverse direction at real steps still reads the padding (as nn.GRU does)
+    assert_close(unmasked[:2, 1, 3:], gru(x)[0][:2, 1, 3:], rtol=0, atol=1e-12)

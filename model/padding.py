@@ -1,0 +1,19 @@
+"""Work on real positions only, where what is computed at the padding is never read."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def project_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`fn` (row-wise, e.g. a linear layer) on the rows `rows` of x viewed as [-1, D]; every other
+    row of the result is 0. x [..., D] -> [..., D_out].
+
+    With `rows` the real utterances or nodes, the padded positions cost nothing: what the
+    reference computes there never reaches a prediction, as long as nothing reads it.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    projected = fn(flat.index_select(0, rows))
+    out = projected.new_zeros(flat.shape[0], projected.shape[-1]).index_copy(0, rows, projected)
+    return out.view(*x.shape[:-1], -1)
