@@ -172,12 +172,13 @@ def main() -> None:
                 gemm_before = gemm_gflops(device)
                 step_times = time_steps(step, batches, device, args.warmup, args.steps)
                 epoch_times = [time_epoch(step, loaders, loss, device, dataset) for _ in range(args.epochs)]
+                peak_mib = peak_memory_mib(device)          # before the profiler adds its own
                 phases, gflop = profile_step(step, batches[0], device)
                 row = {"dataset": dataset, "device": device_name, "config": name,
                        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
                        "step_s_median": statistics.median(step_times),
                        "epoch_s_median": statistics.median(epoch_times) if epoch_times else float("nan"),
-                       "peak_mem_mib": peak_memory_mib(device), "loading_s": loading_s,
+                       "peak_mem_mib": peak_mib, "loading_s": loading_s,
                        "step_gflop": gflop, "gemm_gflops": [gemm_before, gemm_gflops(device)],
                        "flags": dict(batch_size=args.batch_size, num_L=args.num_L, num_K=args.num_K, **README_FLAGS[dataset]),
                        "step_times": step_times, "epoch_times": epoch_times}

@@ -118,7 +118,6 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
     )
 
 
-
 class HypergraphConv(nn.Module):
     r"""One hypergraph propagation step of M3Net (no feature transform: its weight is never read).
 
