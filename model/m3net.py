@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from dataloader.batch import Batch
 from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
-from model.padding import project_rows
+from model.padding import project_rows, project_steps
 from model.rnn import bidirectional_gru
 
 TEXT_DIM = 1024      # RoBERTa feature size
@@ -207,7 +207,7 @@ class M3Net(nn.Module):
                 # Real utterances only: what the reference computes at padding (the bias) never
                 # reaches a prediction.
                 features = batch.audio if m == "a" else batch.visual
-                z = project_rows(getattr(self, f"linear_{m}"), features.transpose(0, 1), graph.flat_valid).transpose(0, 1)
+                z = project_steps(getattr(self, f"linear_{m}"), features, graph.flat_valid)
             encoded[m] = z
         return encoded
 

@@ -17,3 +17,9 @@ def project_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ro
     projected = fn(flat.index_select(0, rows))
     out = projected.new_zeros(flat.shape[0], projected.shape[-1]).index_copy(0, rows, projected)
     return out.view(*x.shape[:-1], -1)
+
+
+def project_steps(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, real_steps: torch.Tensor) -> torch.Tensor:
+    """`project_rows` for a sequence-first x [T, B, D], real_steps the positions b·T + t (batch-first
+    order, `DialogueGraph.flat_valid`): [T, B, D_out], 0 at the other steps."""
+    return project_rows(fn, x.transpose(0, 1), real_steps).transpose(0, 1)

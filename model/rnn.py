@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.padding import project_rows
+from model.padding import project_steps
 
 
 class _BidirectionalRecurrence(torch.autograd.Function):
@@ -98,8 +98,8 @@ def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | N
         b_hh = torch.stack([getattr(gru, f"bias_hh_{n}") for n in names])
         if real_steps is not None and layer == gru.num_layers - 1:
             three_h = 3 * hidden
-            forward_gi = project_rows(lambda rows: F.linear(rows, w_ih[:three_h], b_ih[:three_h]),
-                                      x.transpose(0, 1), real_steps).transpose(0, 1)         # [T, B, 3H]
+            forward_gi = project_steps(lambda rows: F.linear(rows, w_ih[:three_h], b_ih[:three_h]),
+                                       x, real_steps)                                      # [T, B, 3H]
             reverse_gi = F.linear(x, w_ih[three_h:], b_ih[three_h:])
         else:
             forward_gi, reverse_gi = F.linear(x, w_ih, b_ih).chunk(2, -1)

@@ -9,7 +9,7 @@ from torch import nn
 
 from model.graph import (HYPEREDGE_CAPACITY, GraphCapacityError, HighFrequencyConv, HypergraphConv,
                          build_graph)
-from model.padding import project_rows
+from model.padding import project_rows, project_steps
 from model.m3net import M3Net, ModelConfig
 from utils.errors import UserError
 
@@ -415,3 +415,10 @@ def test_project_rows_applies_the_linear_to_the_listed_rows_only():
     assert out[0, 1].tolist() == [12.0, 23.0, 35.0]          # [2, 3]
     assert out[1, 2].tolist() == [20.0, 31.0, 51.0]          # [10, 11]
     assert out.abs().sum().item() == 12 + 23 + 35 + 20 + 31 + 51
+
+
+def test_project_steps_reads_positions_batch_first_on_a_sequence_first_tensor():
+    x = torch.arange(6.0).view(3, 2, 1)                      # [T=3, B=2, 1]: x[t, b] = 2t + b
+    out = project_steps(lambda rows: rows * 10, x, torch.tensor([0, 1, 3]))   # (b, t) = (0,0) (0,1) (1,0)
+    assert out.shape == (3, 2, 1)
+    assert out[:, :, 0].tolist() == [[0.0, 10.0], [20.0, 0.0], [0.0, 0.0]]
