@@ -50,6 +50,10 @@ class DialogueGraph:
     high_freq_norm: torch.Tensor      # [B] deg^-1/2 · deg^-1/2 (0 where a node has no edge)
     flat_valid: torch.Tensor          # [N] positions b*T + t of the real utterances
     flat_valid_nodes: torch.Tensor    # [n_nodes] positions (b*M + m)*T + t of the real nodes, in node order
+    distinct_steps: torch.Tensor      # [R] sequence-first positions t*B + b: each real step, and each
+                                      #     padded dialogue's first padded step (standing for all of them)
+    step_rows: torch.Tensor           # [T, B] the row of `distinct_steps` whose input step (t, b) shares
+                                      #     (model/padding.py: distinct_rows, expand_rows)
 
     @property
     def n_nodes(self) -> int:
@@ -109,12 +113,16 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
     flat_valid = (torch.arange(n_dialogues)[:, None] * max_len + t)[valid]
     flat_valid_nodes = torch.arange(n_dialogues * n_modalities * max_len).view(n_dialogues, n_modalities, max_len)[
         valid[:, None, :].expand(-1, n_modalities, -1)]
+    # Input step (t, b) equals step (min(t, n_b), b): padded steps share the first padded one.
+    shared_step = torch.minimum(t[:, None], length[None, :]) * n_dialogues + torch.arange(n_dialogues)
+    distinct_steps, step_rows = torch.unique(shared_step.reshape(-1), return_inverse=True)
     return DialogueGraph(
         lengths=lengths, n_modalities=n_modalities,
         valid=valid.to(device), node_ids=node_ids.to(device),
         modality_edge_ids=modality_edge_ids.to(device), utterance_edge_ids=utterance_edge_ids.to(device),
         high_freq_norm=(inv_sqrt * inv_sqrt).to(device), flat_valid=flat_valid.to(device),
-        flat_valid_nodes=flat_valid_nodes.to(device),
+        flat_valid_nodes=flat_valid_nodes.to(device), distinct_steps=distinct_steps.to(device),
+        step_rows=step_rows.view(max_len, n_dialogues).to(device),
     )
 
 

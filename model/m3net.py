@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from dataloader.batch import Batch
 from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
-from model.padding import project_rows, project_steps
+from model.padding import distinct_rows, expand_rows, project_rows, project_steps
 from model.rnn import bidirectional_gru
 
 TEXT_DIM = 1024      # RoBERTa feature size
@@ -180,16 +180,19 @@ class M3Net(nn.Module):
         r1, r2, r3, r4 = normed
         return (r1 + r2 + r3 + r4) / 4
 
-    def _context(self, name: str, x: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
-        """Run the padded sequence through the context encoder `name` (no packing, as the reference)."""
+    def _context(self, name: str, rows: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
+        """Run the context encoder `name` over the padded sequence (no packing, as the reference)
+        given by its distinct rows [R, D] (`distinct_rows`): [T, B, D']."""
         encoder = getattr(self, name)
+        if isinstance(encoder, nn.GRU) and rows.device.type == "cpu":
+            # Same function, with a backward that is several times faster than nn.GRU's on the CPU
+            # (model/rnn.py); cuDNN's fused GRU is the faster one on the GPU. It projects each
+            # distinct row once, and as encoder outputs at padded steps are never read, its last
+            # forward direction skips them.
+            return bidirectional_gru(encoder, rows, graph.flat_valid, graph.step_rows)
+        x = expand_rows(rows, graph.step_rows)
         if isinstance(encoder, nn.TransformerEncoderLayer):
             return encoder(x)
-        if isinstance(encoder, nn.GRU) and x.device.type == "cpu":
-            # Same function, with a backward that is several times faster than nn.GRU's on the CPU
-            # (model/rnn.py); cuDNN's fused GRU is the faster one on the GPU. Encoder outputs at
-            # padded steps are never read, so its last forward direction skips them.
-            return bidirectional_gru(encoder, x, graph.flat_valid)
         return encoder(x)[0]
 
     def encode(self, batch: Batch, graph: DialogueGraph) -> dict[str, torch.Tensor]:
@@ -197,12 +200,14 @@ class M3Net(nn.Module):
         encoded = {}
         for m in self.cfg.modalities:
             if m == "l":
-                z = self.linear_l(self._normalise_text(batch.text))
-                z = self._context(f"{self._text_rnn}_l" if self._text_rnn else "trans_l", z, graph)
+                # A dialogue's padded steps share one input row (model/padding.py): linear_l and
+                # the RNN's first projection run once per distinct row.
+                text = distinct_rows(self._normalise_text(batch.text), graph.distinct_steps)
+                z = self._context(f"{self._text_rnn}_l" if self._text_rnn else "trans_l", self.linear_l(text), graph)
             elif self.cfg.av_using_lstm:
-                # The RNN reads the padded positions too (as in the reference): project them all.
-                z = getattr(self, f"linear_{m}")(batch.audio if m == "a" else batch.visual)
-                z = self._context(f"{self._av_rnn}_{m}", z, graph)
+                # The RNN reads the padded steps too (as in the reference): one row per distinct step.
+                features = distinct_rows(batch.audio if m == "a" else batch.visual, graph.distinct_steps)
+                z = self._context(f"{self._av_rnn}_{m}", getattr(self, f"linear_{m}")(features), graph)
             else:
                 # Real utterances only: what the reference computes at padding (the bias) never
                 # reaches a prediction.

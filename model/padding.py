@@ -23,3 +23,18 @@ def project_steps(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, r
     """`project_rows` for a sequence-first x [T, B, D], real_steps the positions b·T + t (batch-first
     order, `DialogueGraph.flat_valid`): [T, B, D_out], 0 at the other steps."""
     return project_rows(fn, x.transpose(0, 1), real_steps).transpose(0, 1)
+
+
+# Padded steps that share their input. The loader pads with zeros, and the text norms map those
+# zeros to one vector per dialogue (BN and LN act per step, LN2 per dialogue), so a row-wise layer
+# before a context RNN needs computing once for all of a dialogue's padded steps.
+# `DialogueGraph.distinct_steps` / `step_rows` index them.
+
+def distinct_rows(x: torch.Tensor, distinct_steps: torch.Tensor) -> torch.Tensor:
+    """Sequence-first x [T, B, D] -> [R, D]: one row per distinct input step."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, distinct_steps)
+
+
+def expand_rows(rows: torch.Tensor, step_rows: torch.Tensor) -> torch.Tensor:
+    """[R, D], one row per distinct step -> sequence-first [T, B, D], step (t, b) = rows[step_rows[t, b]]."""
+    return rows.index_select(0, step_rows.reshape(-1)).view(*step_rows.shape, -1)

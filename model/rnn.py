@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.padding import project_steps
+from model.padding import expand_rows, project_steps
 
 
 class _BidirectionalRecurrence(torch.autograd.Function):
@@ -80,9 +80,13 @@ class _BidirectionalRecurrence(torch.autograd.Function):
         return grad_gi, grad_w_hh, grad_b_hh
 
 
-def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | None = None) -> torch.Tensor:
+def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | None = None,
+                      step_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Output of `gru` (bidirectional, sequence-first, zero initial state) for x [T, B, D]: [T, B, 2H].
 
+    step_rows [T, B]: x is given as its distinct rows [R, D] instead, step (t, b) reading row
+    step_rows[t, b] (`model/padding.py: distinct_rows`); the first layer's input projection is then
+    computed once per distinct row.
     real_steps: positions b·T + t of the real (unpadded) steps. The last layer's forward direction
     then computes its input projection there only: its outputs at the padding are read by no later
     step, so they are left unspecified. The reverse direction still starts at the last padded step.
@@ -96,7 +100,9 @@ def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | N
         b_ih = torch.cat([getattr(gru, f"bias_ih_{n}") for n in names])
         w_hh = torch.stack([getattr(gru, f"weight_hh_{n}") for n in names])          # [2, 3H, H]
         b_hh = torch.stack([getattr(gru, f"bias_hh_{n}") for n in names])
-        if real_steps is not None and layer == gru.num_layers - 1:
+        if layer == 0 and step_rows is not None:
+            forward_gi, reverse_gi = expand_rows(F.linear(x, w_ih, b_ih), step_rows).chunk(2, -1)
+        elif real_steps is not None and layer == gru.num_layers - 1:
             three_h = 3 * hidden
             forward_gi = project_steps(lambda rows: F.linear(rows, w_ih[:three_h], b_ih[:three_h]),
                                        x, real_steps)                                      # [T, B, 3H]

@@ -9,7 +9,7 @@ from torch import nn
 
 from model.graph import (HYPEREDGE_CAPACITY, GraphCapacityError, HighFrequencyConv, HypergraphConv,
                          build_graph)
-from model.padding import project_rows, project_steps
+from model.padding import distinct_rows, expand_rows, project_rows, project_steps
 from model.m3net import M3Net, ModelConfig
 from utils.errors import UserError
 
@@ -422,3 +422,27 @@ def test_project_steps_reads_positions_batch_first_on_a_sequence_first_tensor():
     out = project_steps(lambda rows: rows * 10, x, torch.tensor([0, 1, 3]))   # (b, t) = (0,0) (0,1) (1,0)
     assert out.shape == (3, 2, 1)
     assert out[:, :, 0].tolist() == [[0.0, 10.0], [20.0, 0.0], [0.0, 0.0]]
+
+
+def test_padded_steps_share_the_first_padded_step_by_hand():
+    # lengths (3, 1, 2), sequence-first positions t*B + b with B = 3. Dialogue 1's padded steps
+    # (t = 1, 2) share position 4, dialogue 2's (t = 2) is position 8 itself.
+    graph = build_graph((3, 1, 2), 1, CPU)
+    assert graph.distinct_steps.tolist() == [0, 1, 2, 3, 4, 5, 6, 8]
+    assert graph.step_rows.tolist() == [[0, 1, 2], [3, 4, 5], [6, 4, 7]]
+    # no padding: every step is its own row
+    full = build_graph((2, 2), 1, CPU)
+    assert full.distinct_steps.tolist() == [0, 1, 2, 3]
+    assert full.step_rows.tolist() == [[0, 1], [2, 3]]
+
+
+def test_distinct_rows_round_trip_on_zero_padding():
+    lengths = (3, 1, 2)
+    graph = build_graph(lengths, 1, CPU)
+    x = torch.randn(3, 3, 4)
+    for b, n in enumerate(lengths):
+        x[n:, b] = 0.0                                      # the loader's zero padding
+    x = torch.layer_norm(x, (4,)) * 2 + 1                   # a per-step norm maps the zeros to one row
+    rows = distinct_rows(x, graph.distinct_steps)
+    assert rows.shape == (8, 4)
+    assert torch.equal(expand_rows(rows, graph.step_rows), x)

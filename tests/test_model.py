@@ -305,6 +305,30 @@ def test_other_text_norms(norm):
     assert_close(z[valid], want[valid], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("modality,norm", [("l", "BN"), ("l", "LN2"), ("a", "BN")])
+def test_context_encoder_gradients_equal_the_full_padded_computation(modality, norm):
+    # The encoders compute their input layer and the GRU's first projection once per distinct
+    # step (a dialogue's padded steps share one row); every gradient of the group through the
+    # real steps must be that of the plain computation over all T·B steps. Audio: --av_using_lstm.
+    model = make_model(norm=norm, av_using_lstm=modality == "a").train()
+    batch = make_batch((5, 1, 3), seed=10, text_shift=1.0)
+    valid = batch.umask.t().bool()
+    group = model.encoder_groups()[modality]
+    z = model.encode(batch, model.graph_for(batch))[modality]
+    cotangent = torch.randn(z[valid].shape, generator=torch.Generator().manual_seed(10))
+    got = torch.autograd.grad((z[valid] * cotangent).sum(), group)
+    if modality == "l":
+        full = model.gru_l(model.linear_l(model._normalise_text(batch.text)))[0]
+    else:
+        full = model.gru_a(model.linear_a(batch.audio))[0]
+    assert_close(z[valid], full[valid], rtol=1e-5, atol=1e-5)
+    want = torch.autograd.grad((full[valid] * cotangent).sum(), group)
+    # linear, 16 GRU tensors, and for the text the four BNs
+    assert len(got) == len(group) == {"BN": 26, "LN2": 18}[norm] - (8 if modality == "a" else 0)
+    for g_got, g_want in zip(got, want):
+        assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
+
+
 # =========================================================================== every encoder x norm
 @functools.lru_cache(maxsize=None)
 def _model_per_base(base_model: str) -> M3Net:

@@ -75,3 +75,19 @@ def test_real_steps_leave_every_read_output_and_gradient_unchanged(layers):
     assert (unmasked[3:, 1, :3] - gru(x)[0][3:, 1, :3]).abs().max() > 1e-6
     # while the reverse direction at real steps still reads the padding (as nn.GRU does)
     assert_close(unmasked[:2, 1, 3:], gru(x)[0][:2, 1, 3:], rtol=0, atol=1e-12)
+
+
+def test_distinct_rows_give_nn_grus_output_and_gradients():
+    # x [T=4, B=3] given as 7 distinct rows, step (t, b) reading row step_rows[t, b]; rows 4, 5
+    # and 6 are each read by two or three steps.
+    gru = _gru(4, 3, 2)
+    step_rows = torch.tensor([[0, 1, 2], [3, 5, 4], [6, 5, 4], [6, 5, 4]])
+    rows = torch.randn(7, 4, dtype=torch.double, requires_grad=True)
+    x = rows[step_rows]                                        # [4, 3, 4]; autograd sums over the copies
+    want, got = gru(x)[0], bidirectional_gru(gru, rows, step_rows=step_rows)
+    assert got.shape == (4, 3, 6)
+    assert_close(got, want, rtol=0, atol=1e-12)
+    cotangent = torch.randn_like(want)
+    inputs = [rows, *gru.parameters()]
+    for g_want, g_got in zip(torch.autograd.grad(want, inputs, cotangent), torch.autograd.grad(got, inputs, cotangent)):
+        assert_close(g_got, g_want, rtol=0, atol=1e-11)
