@@ -6,10 +6,12 @@ Data: real-size synthetic sets (made once under --data-dir if missing). For each
 device and configuration (plain = `--modulation Normal --no-pareto --no-shapley`, dgs = the
 default), it times `--steps` training steps after `--warmup` ones (median), then `--epochs`
 full epochs (train + test eval, median), and records peak memory (CPU: peak RSS of the process
-so far; CUDA: peak allocated). One profiled step on the first batch counts the GFLOP of each
-configuration (the same batch for both: their ratio is the machine-independent cost of DGS) and,
-for DGS, gives the breakdown by phase (encoders, graph, valuation, backward, shaping, optimizer).
-A [1024, 1024] GEMM before and after each configuration records how fast the machine was.
+so far; CUDA: peak allocated). Profiled steps (--profile-steps) on the first batch count the GFLOP of each
+configuration (the same batch for both: their ratio is the machine-independent cost of DGS) and
+give the time by phase (encoders, graph, valuation, backward, shaping, optimizer), median and
+fastest; the sum of the fastest is the step's floor, an upper bound on its time on a machine
+that does not stall. Before and after each configuration, a [1024, 1024] GEMM records how fast
+the machine was and a pure-Python loop the share of time it was not running the process.
 Prints a table; --json writes everything.
 """
 from __future__ import annotations
@@ -102,24 +104,41 @@ def time_epoch(step: DGSStep, loaders: dict, loss, device: torch.device, dataset
     return time.perf_counter() - start
 
 
-def profile_step(step: DGSStep, batch, device: torch.device) -> tuple[dict[str, float], float]:
-    """One profiled step: milliseconds per phase (device time on CUDA, CPU time otherwise) and the
-    GFLOP of its matrix products (what the profiler counts: mm, bmm, addmm, baddbmm...)."""
+def profile_steps(step: DGSStep, batch, device: torch.device, repeats: int = 3
+                  ) -> tuple[dict[str, float], dict[str, float], float]:
+    """`repeats` profiled steps on one batch: milliseconds per phase, median and minimum over the
+    steps (device time on CUDA, CPU time otherwise), and the GFLOP of one step's matrix products
+    (what the profiler counts: mm, bmm, addmm, baddbmm...)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     step.model.train()
+    batch = batch.to(device)
     with torch.profiler.profile(activities=activities, with_flops=True) as prof:
-        step(batch.to(device), modulation_on=True)
-        sync(device)
-    phases, flops = {}, 0
-    for event in prof.key_averages():
-        flops += event.flops
-        if event.key in PHASES:
+        for _ in range(repeats):
+            step(batch, modulation_on=True)
+            sync(device)
+    per_phase, flops = {}, 0
+    for event in prof.events():
+        flops += event.flops or 0
+        if event.name in PHASES:
             # On CUDA the annotation's GPU span, when the profiler reports one; host time otherwise.
             device_us = getattr(event, "device_time_total", 0) if device.type == "cuda" else 0
-            phases[event.key] = (device_us or event.cpu_time_total) / 1000
-    return phases, flops / 1e9
+            per_phase.setdefault(event.name, []).append((device_us or event.cpu_time_total) / 1000)
+    median = {k: statistics.median(v) for k, v in per_phase.items()}
+    return median, {k: min(v) for k, v in per_phase.items()}, flops / repeats / 1e9
+
+
+def stall_share(seconds: float = 3.0) -> float:
+    """Share of `seconds` that a fixed pure-Python loop (no memory traffic) spends in iterations
+    over 5x its median: time the machine did not run this process (a busy or throttled VM)."""
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        sum(i * i for i in range(5000))
+        times.append(time.perf_counter() - start)
+    slow = 5 * statistics.median(times)
+    return sum(t for t in times if t > slow) / sum(times)
 
 
 def gemm_gflops(device: torch.device, size: int = 1024, repeats: int = 7) -> float:
@@ -148,6 +167,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--epochs", type=int, default=1, help="timed full epochs per configuration (median; 0: none)")
+    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps (phase medians and floors)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -169,41 +189,43 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 model, step, loss = build(data, device, CONFIGS[name], README_FLAGS[dataset], args)
-                gemm_before = gemm_gflops(device)
+                gemm_before, stalls_before = gemm_gflops(device), stall_share()
                 step_times = time_steps(step, batches, device, args.warmup, args.steps)
                 epoch_times = [time_epoch(step, loaders, loss, device, dataset) for _ in range(args.epochs)]
                 peak_mib = peak_memory_mib(device)          # before the profiler adds its own
-                phases, gflop = profile_step(step, batches[0], device)
+                phases, phase_floor, gflop = profile_steps(step, batches[0], device, args.profile_steps)
                 row = {"dataset": dataset, "device": device_name, "config": name,
                        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
                        "step_s_median": statistics.median(step_times),
                        "epoch_s_median": statistics.median(epoch_times) if epoch_times else float("nan"),
                        "peak_mem_mib": peak_mib, "loading_s": loading_s,
                        "step_gflop": gflop, "gemm_gflops": [gemm_before, gemm_gflops(device)],
+                       "stall_share": [stalls_before, stall_share()],
+                       "breakdown_ms": phases, "breakdown_min_ms": phase_floor,
+                       "floor_s": sum(phase_floor.values()) / 1000,
                        "flags": dict(batch_size=args.batch_size, num_L=args.num_L, num_K=args.num_K, **README_FLAGS[dataset]),
                        "step_times": step_times, "epoch_times": epoch_times}
-                if name == "dgs":
-                    row["breakdown_ms"] = phases
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("step_times", "epoch_times")}), flush=True)
                 del model, step
 
     print()
-    print(f"{'dataset':8} {'device':6} {'config':6} {'step s':>8} {'epoch s':>8} {'load s':>7} {'peak MiB':>9} "
-          f"{'GFLOP':>7} {'GEMM GF/s':>10}  dgs/plain (time, GFLOP)")
+    print(f"{'dataset':8} {'device':6} {'config':6} {'step s':>8} {'floor s':>8} {'epoch s':>8} {'load s':>7} "
+          f"{'peak MiB':>9} {'GFLOP':>7} {'GEMM GF/s':>10} {'stalled':>9}  dgs/plain (time, floor, GFLOP)")
     for row in results:
         plain = next(r for r in results if r["dataset"] == row["dataset"] and r["device"] == row["device"]
                      and r["config"] == "plain") if "plain" in args.configs else None
-        ratio = (f"{row['step_s_median'] / plain['step_s_median']:.2f}x, {row['step_gflop'] / plain['step_gflop']:.2f}x"
-                 if plain and row["config"] == "dgs" else "")
+        ratio = (f"{row['step_s_median'] / plain['step_s_median']:.2f}x, {row['floor_s'] / plain['floor_s']:.2f}x, "
+                 f"{row['step_gflop'] / plain['step_gflop']:.2f}x" if plain and row["config"] == "dgs" else "")
         gemm = "-".join(f"{g:.0f}" for g in row["gemm_gflops"])
+        stalled = "-".join(f"{100 * g:.0f}%" for g in row["stall_share"])
         print(f"{row['dataset']:8} {row['device']:6} {row['config']:6} {row['step_s_median']:8.3f} "
-              f"{row['epoch_s_median']:8.2f} {row['loading_s']:7.2f} {row['peak_mem_mib']:9.0f} "
-              f"{row['step_gflop']:7.1f} {gemm:>10}  {ratio}")
+              f"{row['floor_s']:8.3f} {row['epoch_s_median']:8.2f} {row['loading_s']:7.2f} {row['peak_mem_mib']:9.0f} "
+              f"{row['step_gflop']:7.1f} {gemm:>10} {stalled:>9}  {ratio}")
     for row in results:
-        if "breakdown_ms" in row:
-            parts = ", ".join(f"{k.split('.')[1]} {v:.0f}" for k, v in row["breakdown_ms"].items())
-            print(f"DGS step breakdown (ms) {row['dataset']} {row['device']}: {parts}")
+        for key, what in (("breakdown_ms", "median"), ("breakdown_min_ms", "fastest")):
+            parts = ", ".join(f"{k.split('.')[1]} {v:.0f}" for k, v in row[key].items())
+            print(f"{row['config']} step by phase (ms, {what} of {args.profile_steps}) {row['dataset']} {row['device']}: {parts}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

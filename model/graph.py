@@ -52,8 +52,8 @@ class DialogueGraph:
     flat_valid_nodes: torch.Tensor    # [n_nodes] positions (b*M + m)*T + t of the real nodes, in node order
     distinct_steps: torch.Tensor      # [R] sequence-first positions t*B + b: each real step, and each
                                       #     padded dialogue's first padded step (standing for all of them)
-    step_rows: torch.Tensor           # [T, B] the row of `distinct_steps` whose input step (t, b) shares
-                                      #     (model/padding.py: distinct_rows, expand_rows)
+    step_rows: torch.Tensor           # [T, B] each step's row in `distinct_steps` (a padded step: the
+                                      #     shared one; model/padding.py: distinct_rows, expand_rows)
 
     @property
     def n_nodes(self) -> int:

@@ -1,4 +1,5 @@
-"""Work on real positions only, where what is computed at the padding is never read."""
+"""Less work at padded positions: skip what nothing reads there, and compute once what a
+dialogue's padded steps share."""
 from __future__ import annotations
 
 from typing import Callable
