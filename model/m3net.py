@@ -180,13 +180,18 @@ class M3Net(nn.Module):
         r1, r2, r3, r4 = normed
         return (r1 + r2 + r3 + r4) / 4
 
-    def _context(self, name: str, rows: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
-        """Run the context encoder `name` over the padded sequence (no packing, as the reference)
-        given by its distinct rows [R, D] (`distinct_rows`): [T, B, D']."""
+    def _context(self, name: str, input_layer: nn.Linear, x: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
+        """input_layer, then the context encoder `name`, over the padded sequence x [T, B, D] (no
+        packing, as the reference): [T, B, D'].
+
+        A dialogue's padded steps share one input row (model/padding.py), so the input layer runs
+        once per distinct row.
+        """
+        rows = input_layer(distinct_rows(x, graph.distinct_steps))
         encoder = getattr(self, name)
         if isinstance(encoder, nn.GRU) and rows.device.type == "cpu":
             # Same function, with a backward that is several times faster than nn.GRU's on the CPU
-            # (model/rnn.py); cuDNN's fused GRU is the faster one on the GPU. It projects each
+            # (model/rnn.py); cuDNN's fused GRU is the faster one on the GPU. It too projects each
             # distinct row once, and as encoder outputs at padded steps are never read, its last
             # forward direction skips them.
             return bidirectional_gru(encoder, rows, graph.flat_valid, graph.step_rows)
@@ -200,14 +205,12 @@ class M3Net(nn.Module):
         encoded = {}
         for m in self.cfg.modalities:
             if m == "l":
-                # A dialogue's padded steps share one input row (model/padding.py): linear_l and
-                # the RNN's first projection run once per distinct row.
-                text = distinct_rows(self._normalise_text(batch.text), graph.distinct_steps)
-                z = self._context(f"{self._text_rnn}_l" if self._text_rnn else "trans_l", self.linear_l(text), graph)
+                z = self._context(f"{self._text_rnn}_l" if self._text_rnn else "trans_l", self.linear_l,
+                                  self._normalise_text(batch.text), graph)
             elif self.cfg.av_using_lstm:
-                # The RNN reads the padded steps too (as in the reference): one row per distinct step.
-                features = distinct_rows(batch.audio if m == "a" else batch.visual, graph.distinct_steps)
-                z = self._context(f"{self._av_rnn}_{m}", getattr(self, f"linear_{m}")(features), graph)
+                # The RNN reads the padded steps too (as in the reference).
+                z = self._context(f"{self._av_rnn}_{m}", getattr(self, f"linear_{m}"),
+                                  batch.audio if m == "a" else batch.visual, graph)
             else:
                 # Real utterances only: what the reference computes at padding (the bias) never
                 # reaches a prediction.

@@ -30,7 +30,6 @@ def project_steps(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, r
 # zeros to one vector per dialogue (BN and LN act per step, LN2 per dialogue), so a row-wise layer
 # before a context RNN needs computing once for all of a dialogue's padded steps.
 # `DialogueGraph.distinct_steps` / `step_rows` index them.
-
 def distinct_rows(x: torch.Tensor, distinct_steps: torch.Tensor) -> torch.Tensor:
     """Sequence-first x [T, B, D] -> [R, D]: one row per distinct input step."""
     return x.reshape(-1, x.shape[-1]).index_select(0, distinct_steps)
