@@ -27,11 +27,14 @@ class _BidirectionalRecurrence(torch.autograd.Function):
 
     gi:   [T, 2, B, 3H] input projections W_i x_t + b_i, direction 1 already reversed in time
     w_hh: [2, 3H, H], b_hh: [2, 3H]
+    forward_rows: None, or the steps t·B + b whose direction-0 outputs are read, when no other
+          is: the others then get a zero gradient, and W_hh's is summed over these rows only.
     returns h_1..h_T: [T, 2, B, H] (direction 1 in its own, reversed, time order)
     """
 
     @staticmethod
-    def forward(ctx, gi: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gi: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor,
+                forward_rows: torch.Tensor | None) -> torch.Tensor:
         steps, dirs, batch, three_h = gi.shape
         hidden = three_h // 3
         w_t = w_hh.transpose(1, 2).contiguous()       # a transposed view makes bmm copy it every step
@@ -48,6 +51,7 @@ class _BidirectionalRecurrence(torch.autograd.Function):
             torch.tanh(torch.addcmul(gi[t, ..., 2 * hidden:], r, hn[t]), out=n)
             torch.addcmul(n, z, states[t] - n, out=states[t + 1])
         ctx.save_for_backward(w_hh, states, gates, hn)
+        ctx.forward_rows = forward_rows
         return states[1:]
 
     @staticmethod
@@ -55,7 +59,7 @@ class _BidirectionalRecurrence(torch.autograd.Function):
         w_hh, states, gates, hn = ctx.saved_tensors
         steps, dirs, batch, hidden = grad_states.shape
         grad_gi = gates.new_empty(steps, dirs, batch, 3 * hidden)       # ∂/∂(W_i x + b_i)
-        grad_gh = gates.new_empty(steps, dirs, batch, 3 * hidden)       # ∂/∂(W_h h + b_h)
+        grad_gh = gates.new_empty(dirs, steps, batch, 3 * hidden)       # ∂/∂(W_h h + b_h), per direction
         grad_h = torch.zeros_like(grad_states[0])
         for t in reversed(range(steps)):
             grad_h = grad_h + grad_states[t]
@@ -68,16 +72,21 @@ class _BidirectionalRecurrence(torch.autograd.Function):
             torch.mul(grad_h * (h_prev - n), z * (1 - z), out=d_z)
             # r_t: enters n through r ⊙ hn, then σ'
             torch.mul(d_n * hn[t], r * (1 - r), out=d_r)
-            gh_rz, gh_n = grad_gh[t].split([2 * hidden, hidden], -1)
+            gh_rz, gh_n = grad_gh[:, t].split([2 * hidden, hidden], -1)
             gh_rz.copy_(grad_gi[t, ..., : 2 * hidden])
             torch.mul(d_n, r, out=gh_n)
-            grad_h = torch.baddbmm(grad_h * z, grad_gh[t], w_hh)
-        # Weight gradients over all steps at once: Σ_t ∂gh_tᵀ h_{t-1}.
-        flat_gh = grad_gh.permute(1, 3, 0, 2).reshape(dirs, 3 * hidden, steps * batch)
+            grad_h = torch.baddbmm(grad_h * z, grad_gh[:, t], w_hh)
+        # Weight gradients over all steps at once: Σ_t ∂gh_tᵀ h_{t-1}, rows t·B + b.
+        flat_gh = grad_gh.view(dirs, steps * batch, 3 * hidden)
         flat_h = states[:-1].transpose(0, 1).reshape(dirs, steps * batch, hidden)
-        grad_w_hh = torch.bmm(flat_gh, flat_h)
-        grad_b_hh = grad_gh.sum((0, 2))
-        return grad_gi, grad_w_hh, grad_b_hh
+        rows = ctx.forward_rows
+        if rows is None:
+            grad_w_hh = torch.bmm(flat_gh.transpose(1, 2), flat_h)
+        else:
+            # ∂gh is exactly 0 in direction 0 past each dialogue's end: no step there is read.
+            grad_w_hh = torch.stack([flat_gh[0, rows].T @ flat_h[0, rows], flat_gh[1].T @ flat_h[1]])
+        grad_b_hh = grad_gh.sum((1, 2))
+        return grad_gi, grad_w_hh, grad_b_hh, None
 
 
 def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | None = None,
@@ -87,9 +96,10 @@ def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | N
     step_rows [T, B]: x is given as its distinct rows [R, D] instead, step (t, b) reading row
     step_rows[t, b] (`model/padding.py: distinct_rows`); the first layer's input projection is then
     computed once per distinct row.
-    real_steps: positions b·T + t of the real (unpadded) steps. The last layer's forward direction
-    then computes its input projection there only: its outputs at the padding are read by no later
-    step, so they are left unspecified. The reverse direction still starts at the last padded step.
+    real_steps: positions b·T + t of the real (unpadded) steps, for a caller that reads the output
+    there only. The last layer's forward direction then works on those steps only (its input
+    projection, its W_hh gradient): its outputs at the padding are read by no later step, so they
+    are left unspecified. The reverse direction still starts at the last padded step.
     """
     hidden = gru.hidden_size
     for layer in range(gru.num_layers):
@@ -110,6 +120,10 @@ def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | N
         else:
             forward_gi, reverse_gi = F.linear(x, w_ih, b_ih).chunk(2, -1)
         gi = torch.stack([forward_gi, reverse_gi.flip(0)], dim=1)                   # [T, 2, B, 3H]
-        states = _BidirectionalRecurrence.apply(gi, w_hh, b_hh)
+        forward_rows = None
+        if real_steps is not None and layer == gru.num_layers - 1:
+            steps, batch = gi.shape[0], gi.shape[2]
+            forward_rows = real_steps % steps * batch + real_steps // steps            # b·T + t -> t·B + b
+        states = _BidirectionalRecurrence.apply(gi, w_hh, b_hh, forward_rows)
         x = torch.cat([states[:, 0], states[:, 1].flip(0)], dim=-1)
     return x

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from utils.losses import FocalLoss, inverse_prior_weights
+import utils.noise as noise_module
 from utils.modulation import modulate, ogm_coefficients
+from utils.noise import CHUNK, standard_normal_like
 from utils.pareto import cosine, min_norm_weight, pareto_combine
 from utils.shapley import coalition_masks, shapley_matrix, shapley_values, true_label_probs
 
@@ -147,6 +149,48 @@ def test_modulate_scales_and_adds_noise_with_pre_scaling_std():
         assert part.std().item() == pytest.approx(original.std().item(), rel=0.03)
         assert abs(part.mean().item()) < 0.03 * original.std().item()
     assert noise[2].item() == 0.0
+
+
+def test_modulate_noise_on_groups_larger_than_a_noise_chunk():
+    # Chunks of the CPU noise cross the tensor boundaries here (utils/noise.py)
+    torch.manual_seed(1)
+    sizes = [3 * CHUNK + 17, CHUNK // 3, 5000]
+    g = torch.cat([torch.randn(n) * s for n, s in zip(sizes, (2.0, 0.05, 1e-3))])
+    noise = (modulate(g, sizes, torch.tensor(0.25), gaussian_noise=True) - 0.25 * g).split(sizes)
+    for part, original in zip(noise, g.split(sizes)):
+        assert part.std().item() == pytest.approx(original.std().item(), rel=0.03)
+        assert abs(part.mean().item()) < 0.05 * original.std().item()
+
+
+# ------------------------------------------------------------------ noise
+def test_cpu_noise_is_standard_normal_across_chunks():
+    torch.manual_seed(2)
+    x = standard_normal_like(torch.empty(8 * CHUNK + 3))
+    assert x.shape == (8 * CHUNK + 3,) and x.dtype == torch.float32
+    assert abs(x.mean().item()) < 0.003 and x.std().item() == pytest.approx(1.0, abs=0.003)
+    # the normal's mass within 1σ and 2σ: 0.6827, 0.9545 (±0.002 is > 4 standard errors here)
+    assert (x.abs() < 1).float().mean().item() == pytest.approx(0.6827, abs=0.002)
+    assert (x.abs() < 2).float().mean().item() == pytest.approx(0.9545, abs=0.002)
+    # chunks come from different generators: no two alike, uncorrelated
+    first, second = x[:CHUNK], x[CHUNK:2 * CHUNK]
+    assert not torch.equal(first, second)
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1].item()) < 0.015
+
+
+def test_cpu_noise_follows_the_global_seed_not_the_thread_count(monkeypatch):
+    shape = (3, CHUNK + 11)
+    torch.manual_seed(3)
+    reference = standard_normal_like(torch.empty(shape))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setattr(noise_module, "_threads", None)          # a one-thread pool
+        torch.manual_seed(3)
+        assert torch.equal(standard_normal_like(torch.empty(shape)), reference)
+    finally:
+        torch.set_num_threads(threads)
+    torch.manual_seed(4)
+    assert not torch.equal(standard_normal_like(torch.empty(shape)), reference)
 
 
 # ------------------------------------------------------------------ losses

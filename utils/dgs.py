@@ -100,18 +100,7 @@ class DGSStep:
         with record_function("dgs.backward"):
             grads, g_uni = self._backward(loss_mm, sum(loss_uni.values()))
         with record_function("dgs.shaping"):
-            cosines = []
-            shaped = g_uni is not None or coeff is not None
-            for i, m in enumerate(self.modalities if shaped else ()):
-                # One flat vector per group: the shaping is a few flat operations, not a loop over tensors.
-                group, sizes = self.groups[m], self.group_sizes[m]
-                flat = _flat(grads, group)
-                if g_uni is not None:
-                    flat, cos = pareto_combine(flat, _flat(g_uni, group), sizes, s.pareto_gamma)
-                    cosines.append(cos)
-                if coeff is not None:
-                    flat = modulate(flat, sizes, coeff[i], s.modulation == "OGM_GE")
-                grads.update((id(p), g.view_as(p)) for p, g in zip(group, flat.split(sizes)))
+            cosines = self.shape(grads, g_uni, coeff)
             if cosines:
                 stats["cos"] = torch.stack(cosines)
 
@@ -120,6 +109,23 @@ class DGSStep:
                 p.grad = grads.get(id(p))
             self.optimizer.step()
         return stats
+
+    def shape(self, grads: dict[int, torch.Tensor | None], g_uni: dict[int, torch.Tensor | None] | None,
+              coeff: torch.Tensor | None) -> list[torch.Tensor]:
+        """MMPareto (when g_uni is given), then OGM / OGM-GE (when coeff [M] is), on each encoder
+        group's gradient in `grads` (replaced there); returns the groups' MMPareto cosines."""
+        s, cosines = self.settings, []
+        for i, m in enumerate(self.modalities if g_uni is not None or coeff is not None else ()):
+            # One flat vector per group: the shaping is a few flat operations, not a loop over tensors.
+            group, sizes = self.groups[m], self.group_sizes[m]
+            flat = _flat(grads, group)
+            if g_uni is not None:
+                flat, cos = pareto_combine(flat, _flat(g_uni, group), sizes, s.pareto_gamma)
+                cosines.append(cos)
+            if coeff is not None:
+                flat = modulate(flat, sizes, coeff[i], s.modulation == "OGM_GE")
+            grads.update((id(p), g.view_as(p)) for p, g in zip(group, flat.split(sizes)))
+        return cosines
 
     def _backward(self, loss_mm: torch.Tensor, loss_uni: torch.Tensor
                   ) -> tuple[dict[int, torch.Tensor | None], dict[int, torch.Tensor | None] | None]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.noise import standard_normal_like
+
 SCORE_FLOOR = 1e-6   # ε: Shapley scores can be ≤ 0; the ratio needs positive numbers
 
 
@@ -28,6 +30,6 @@ def modulate(grad: torch.Tensor, sizes: list[int], coeff: torch.Tensor, gaussian
         return grad * coeff
     parts = grad.split(sizes)
     stds = [p.std() if p.numel() > 1 else torch.zeros((), device=grad.device) for p in parts]
-    noise = torch.randn_like(grad)
+    noise = standard_normal_like(grad)
     torch._foreach_mul_(noise.split(sizes), stds)
     return noise.addcmul_(grad, coeff)

@@ -1,0 +1,40 @@
+"""Standard normal noise for OGM-GE, fast on the CPU.
+
+On the CPU torch draws normals from one Mersenne Twister on one thread: for the text encoder's
+10.5M parameters that is ~60 ms a step, half of the gradient shaping. Here the CPU fills
+fixed-size chunks, each from its own generator seeded from the global one, on all intra-op
+threads (the fill releases the GIL): 2-3x faster on two cores, and the same numbers for the same
+`torch.manual_seed` whatever the thread count. Other devices draw with `torch.randn`, already
+parallel there.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+CHUNK = 1 << 17          # elements per generator (512 KiB of float32: the chunk stays in cache)
+
+_threads: ThreadPoolExecutor | None = None
+
+
+def standard_normal_like(x: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like x of independent N(0, 1) samples."""
+    if x.device.type != "cpu" or x.numel() <= CHUNK:
+        return torch.randn_like(x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    chunks = out.view(-1).split(CHUNK)
+    seeds = torch.randint(2**63 - 1, (len(chunks),)).tolist()     # from the global generator
+    list(_pool().map(_fill_standard_normal, chunks, seeds))
+    return out
+
+
+def _fill_standard_normal(chunk: torch.Tensor, seed: int) -> None:
+    chunk.normal_(generator=torch.Generator().manual_seed(seed))
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _threads
+    if _threads is None:
+        _threads = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="noise")
+    return _threads
