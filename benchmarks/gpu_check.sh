@@ -10,6 +10,8 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 $PY -m pytest -q tests/test_cuda.py tests/test_rnn.py 2>&1 | tee "$OUT/cuda_tests.log"
+# The gradient shaping alone (MMPareto + OGM-GE at real parameter sizes).
+$PY benchmarks/bench_shaping.py --device cuda 2>&1 | tee "$OUT/bench_shaping.log"
 # README flags, batch 8: plain vs DGS, IEMOCAP and MELD.
 $PY benchmarks/bench_train.py --Dataset IEMOCAP MELD --device cuda --steps 10 --epochs 3 \
     --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log"
