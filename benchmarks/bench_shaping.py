@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_train import sync  # noqa: E402
 from dataloader.datasets import DATASETS, VISUAL_DIM  # noqa: E402
 from model.m3net import M3Net, ModelConfig  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
@@ -31,12 +32,10 @@ def timed_ms(fn, device: torch.device, repeats: int) -> tuple[float, float]:
     fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return min(times), statistics.median(times)
 
