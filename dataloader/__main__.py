@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from utils.errors import OneLineParser
+
 from .datasets import DATASETS, Conversations, DataError, load_conversations
 
 
@@ -43,7 +45,7 @@ def _print_table(conversations: Conversations) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataloader", description=__doc__,
+    parser = OneLineParser(prog="python -m dataloader", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--Dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--data-dir", default=".",

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.errors import OneLineParser
+
 from .datasets import DATASETS, TEXT_DIM, VISUAL_DIM, DataError, DatasetInfo, load_conversations
 
 PICKLE_PROTOCOL = 4
@@ -395,7 +397,7 @@ def probe(dataset: str, data_dir: str | Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataloader.synthetic", description=__doc__,
+    parser = OneLineParser(prog="python -m dataloader.synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--Dataset", required=True, choices=sorted(RECIPES))
     parser.add_argument("--out", help="folder that receives <Dataset>_features/")
@@ -421,8 +423,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.out:
             parser.error("--out is required (or use --probe --data-dir DIR)")
-        if not args.scale > 0:
-            parser.error(f"--scale must be positive, got {args.scale}")
+        if not 0 < args.scale < float("inf"):
+            parser.error(f"--scale must be a positive number, got {args.scale}")
+        if args.seed < 0:
+            parser.error(f"--seed must be non-negative, got {args.seed}")
         start = time.perf_counter()
         folder = generate(args.Dataset, args.out, scale=args.scale, seed=args.seed)
         print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")

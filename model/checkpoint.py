@@ -1,9 +1,7 @@
 """Loading M3Net state_dicts and our own checkpoints; writing checkpoints atomically."""
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +9,7 @@ import torch
 
 from model.m3net import M3Net
 from utils.errors import UserError
+from utils.runlog import atomic_path
 
 # Keys the M3Net checkpoint carries for modules its forward never reads.
 IGNORED_KEY = re.compile(
@@ -100,12 +99,5 @@ def load_model_state(model: M3Net, state: dict[str, torch.Tensor]) -> list[str]:
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -86,18 +86,24 @@ class DialogueGraph:
         return torch.cat(nodes), torch.cat(edges)
 
 
-@functools.lru_cache(maxsize=512)
-def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.device) -> DialogueGraph:
-    """Index structure for dialogues of these lengths, built once per batch shape and device."""
-    n_dialogues, max_len = len(lengths), max(lengths)
-    n_utterances = sum(lengths)
+def check_capacity(lengths: tuple[int, ...], n_modalities: int, what: str = "a batch") -> None:
+    """GraphCapacityError if dialogues of these lengths need more hyperedges or nodes than M3Net's
+    positional weight tables hold; `what` names the batch in the message."""
+    n_dialogues, n_utterances = len(lengths), sum(lengths)
     n_nodes = n_modalities * n_utterances
     n_edges = n_utterances + n_modalities * n_dialogues
     if n_edges > HYPEREDGE_CAPACITY or n_nodes > NODE_CAPACITY:
         raise GraphCapacityError(
-            f"a batch of {n_dialogues} dialogues ({n_utterances} utterances) needs {n_edges} hyperedges "
+            f"{what} of {n_dialogues} dialogues ({n_utterances} utterances) needs {n_edges} hyperedges "
             f"and {n_nodes} nodes, but M3Net's weight tables hold {HYPEREDGE_CAPACITY} and {NODE_CAPACITY}: "
             f"use a smaller --batch-size")
+
+
+@functools.lru_cache(maxsize=512)
+def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.device) -> DialogueGraph:
+    """Index structure for dialogues of these lengths, built once per batch shape and device."""
+    check_capacity(lengths, n_modalities)
+    n_dialogues, max_len = len(lengths), max(lengths)
     length = torch.tensor(lengths)
     t = torch.arange(max_len)
     valid = t[None, :] < length[:, None]

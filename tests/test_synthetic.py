@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataloader import load_conversations
+from dataloader import __main__ as summary_cli
+from dataloader import load_conversations, synthetic
 from dataloader.datasets import DATASETS
 from dataloader.synthetic import RECIPES, _layout, generate, probe
 
@@ -124,3 +125,19 @@ def test_modality_imbalance_at_small_scale(tmp_path):
     assert scores["text"] > scores["audio"] + 0.05
     assert scores["audio"] > scores["visual"] + 0.05
     assert scores["all"] > scores["text"] + 0.02
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    (synthetic, ["--Dataset", "MELD", "--out", "x", "--scale", "inf"], "--scale must be a positive number, got inf"),
+    (synthetic, ["--Dataset", "MELD", "--out", "x", "--seed", "-1"], "--seed must be non-negative, got -1"),
+    (synthetic, ["--Dataset", "MELD"], "--out is required (or use --probe --data-dir DIR)"),
+    (summary_cli, ["--data-dir", "x"], "the following arguments are required: --Dataset"),
+])
+def test_data_clis_report_bad_flags_in_one_line(capsys, tmp_path, monkeypatch, module, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err == f"error: {message} (see --help)\n"
+    assert list(tmp_path.iterdir()) == []

@@ -10,12 +10,15 @@ import torch
 from dataloader.datasets import load_conversations
 from dataloader.loaders import make_loaders
 from model import M3Net, ModelConfig
+from model import graph
 from utils import dgs
 from utils import main as entry
 from utils.dgs import DGSSettings, DGSStep, modality_scores, utterance_labels
 from utils.losses import unimodal_losses
 from utils.modulation import ogm_coefficients
 from utils.pareto import pareto_combine
+from utils.runlog import RunLog
+from utils.trainer import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {"IEMOCAP": dict(seed=1475, use_modal=True, pareto_gamma=0.2, epochs=2),
@@ -204,6 +207,12 @@ def test_raw_state_dict_with_m3net_extra_keys_is_tested(capsys, tmp_path, meld_d
     (["--resume"], "last.pt does not exist"),
     (["--data-dir", "/nonexistent/dir"], "synthetic"),
     (["--checkpoint", "/nonexistent/ckpt.pt"], "no such file"),
+    (["--lr", "-1"], "--lr -1.0"),
+    (["--l2", "-0.1"], "--l2 -0.1"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--seed", str(2**32)], "[0, 2^32)"),
+    (["--num-workers", "-1"], "--num-workers -1"),
+    (["--modulation_starts", "10", "--modulation_ends", "5"], "OGM would never run"),
 ])
 def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, meld_dir, argv, message):
     if "--data-dir" not in argv:
@@ -213,6 +222,95 @@ def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, meld_dir, argv, m
     assert message in err
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+    assert not (tmp_path / "x").exists()          # a failed start writes nothing
+
+
+def test_log_dir_that_is_a_file_is_a_user_error(capsys, tmp_path, meld_dir):
+    (tmp_path / "afile").write_text("")
+    status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(tmp_path / "afile"), *FAST])
+    assert status == 2
+    assert err.strip() == f"error: --log-dir {tmp_path / 'afile'}: exists and is not a folder"
+
+
+def test_default_log_dirs_of_runs_started_together_differ(tmp_path):
+    base = tmp_path / "runs" / "MELD-20261127-120000"
+    first, second = RunLog(base, fresh=True), RunLog(base, fresh=True)
+    assert first.dir == base and second.dir == base.with_name(base.name + "-2")
+    first.close(), second.close()
+
+
+def test_batches_too_large_for_the_weight_tables_fail_before_training(capsys, tmp_path, meld_dir, monkeypatch):
+    data = load_conversations("MELD", meld_dir)
+    longest = sorted(len(d) for d in data.splits["train"])[-4:]
+    needed = sum(longest) + 3 * 4                 # hyperedges: one per utterance, one per modality per dialogue
+    monkeypatch.setattr(graph, "HYPEREDGE_CAPACITY", needed - 1)
+    status, out, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(tmp_path / "x"), *FAST])
+    assert status == 2
+    assert err.strip() == (f"error: --batch-size 4: a shuffled train batch of 4 dialogues ({sum(longest)} utterances) "
+                           f"needs {needed} hyperedges and {3 * sum(longest)} nodes, but M3Net's weight tables hold "
+                           f"{needed - 1} and {graph.NODE_CAPACITY}: use a smaller --batch-size")
+    assert "epoch" not in out and not (tmp_path / "x").exists()
+
+
+def _own_checkpoint(meld_dir, path, **saved_flags):
+    """A checkpoint in this project's format whose saved flags differ from the MELD defaults."""
+    data = load_conversations("MELD", meld_dir)
+    model = M3Net(ModelConfig(7, 9, data.dims["audio"], data.dims["visual"]))
+    args = vars(entry.parse_args("MELD", DEFAULTS["MELD"], []))
+    torch.save({"model": model.state_dict(), "args": {**args, **saved_flags}}, path)
+
+
+def test_checkpoint_trained_with_other_architecture_flags_is_refused(capsys, tmp_path, meld_dir):
+    # --norm and --use_modal leave the state_dict's keys as they are: only the saved flags tell.
+    _own_checkpoint(meld_dir, tmp_path / "best.pt", norm="LN", use_modal=True)
+    argv = ["--testing", "--checkpoint", str(tmp_path / "best.pt"), "--data-dir", str(meld_dir), *FAST]
+    status, _, err = run_main(capsys, [*argv, "--log-dir", str(tmp_path / "t1")])
+    assert status == 2
+    assert err.strip() == (f"error: checkpoint {tmp_path / 'best.pt'} was trained with --norm LN --use_modal, "
+                           f"this run has --norm BN --no-use_modal: give the checkpoint's flags")
+    assert not (tmp_path / "t1").exists()
+    status, _, err = run_main(capsys, [*argv, "--norm", "LN", "--use_modal", "--log-dir", str(tmp_path / "t2")])
+    assert status == 0, err
+
+
+def test_resume_needs_a_last_pt_of_this_project(capsys, tmp_path, meld_dir):
+    (tmp_path / "run").mkdir()
+    torch.save({"model": {}}, tmp_path / "run" / "last.pt")
+    status, _, err = run_main(capsys, ["--resume", "--log-dir", str(tmp_path / "run"), "--data-dir", str(meld_dir)])
+    assert status == 2
+    assert err.strip() == f"error: --resume: {tmp_path / 'run' / 'last.pt'} is not a last.pt written by this project's training"
+
+
+def test_resume_without_the_starting_checkpoint_and_after_a_lost_epoch(capsys, tmp_path, meld_dir):
+    _own_checkpoint(meld_dir, tmp_path / "start.pt")
+    log = tmp_path / "run"
+    common = ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST]
+    assert run_main(capsys, [*common, "--checkpoint", str(tmp_path / "start.pt"), "--epochs", "1"])[0] == 0
+    (tmp_path / "start.pt").unlink()              # the run's own last.pt is all a resume needs
+    with open(log / "metrics.jsonl", "a") as f:   # an epoch logged, then a crash before its last.pt
+        f.write('{"epoch": 1, "lost": true}\n')
+    status, out, err = run_main(capsys, ["--resume", "--log-dir", str(log), "--epochs", "2"])
+    assert status == 0, err
+    records = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and "lost" not in records[1]
+
+
+def test_evaluation_loss_is_the_weighted_loss_of_the_whole_split(iemocap_dir):
+    data = load_conversations("IEMOCAP", iemocap_dir)
+    loaders = make_loaders(data, 2, shuffle_train=False)
+    torch.manual_seed(0)
+    model = M3Net(ModelConfig(data.n_classes, data.n_speakers, data.dims["audio"], data.dims["visual"])).eval()
+    weights = torch.tensor([1.0, 3.0, 0.5, 2.0, 0.0, 1.5])
+    result = evaluate(model, loaders["test"], torch.nn.NLLLoss(weight=weights), torch.device("cpu"), "IEMOCAP")
+    numerator = denominator = 0.0
+    with torch.no_grad():
+        for batch in loaders["test"]:
+            out = model(batch)
+            y = utterance_labels(batch, out)
+            numerator += float((weights[y] * -out.log_probs.gather(1, y[:, None]).squeeze(1)).sum())
+            denominator += float(weights[y].sum())
+    assert len(loaders["test"]) > 1
+    assert result["loss"] == pytest.approx(numerator / denominator, rel=1e-5)
 
 
 def test_incompatible_checkpoint_names_the_flag(capsys, tmp_path, meld_dir):

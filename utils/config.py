@@ -6,10 +6,9 @@ this implementation does not read are listed in `NO_EFFECT` and say so in `--hel
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Sequence
 
-from utils.errors import UserError
+from utils.errors import OneLineParser, UserError
 
 DATASETS = ("IEMOCAP", "MELD")
 BASE_MODELS = ("GRU", "LSTM", "Transformer")
@@ -24,21 +23,13 @@ NO_EFFECT = (
 )
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (no usage dump) and exits with status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _no_effect(help_text: str = "") -> str:
     return f"{help_text} [accepted for compatibility; no effect]".strip()
 
 
 def build_parser(dataset: str, defaults: dict[str, Any]) -> argparse.ArgumentParser:
     """The parser of run/train_OGM_Shapley_MMPareto_<dataset>.py with that dataset's defaults."""
-    p = _OneLineParser(
+    p = OneLineParser(
         description=f"Train (or --testing: evaluate) M3Net with Dynamic Gradient Shaping on {dataset}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -129,6 +120,16 @@ def check_args(args: argparse.Namespace, dataset: str) -> None:
     for name in ("num_L", "num_K", "lr_decay_step"):
         if getattr(args, name) < (1 if name == "lr_decay_step" else 0):
             raise UserError(f"--{name} {getattr(args, name)} is out of range")
+    for name in ("lr", "l2"):
+        if not 0.0 <= getattr(args, name) < float("inf"):
+            raise UserError(f"--{name} {getattr(args, name)}: give a non-negative number")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed}: give an integer in [0, 2^32)")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers {args.num_workers}: give 0 (load in the main process) or more")
+    if args.modulation != "Normal" and args.modulation_starts > args.modulation_ends:
+        raise UserError(f"--modulation_starts {args.modulation_starts} is after --modulation_ends "
+                        f"{args.modulation_ends}: OGM would never run (--modulation Normal turns it off)")
     if not 0.0 <= args.valid < 1.0:
         raise UserError(f"--valid {args.valid}: give a fraction in [0, 1)")
     if not 0.0 <= args.dropout < 1.0:
@@ -139,3 +140,37 @@ def check_args(args: argparse.Namespace, dataset: str) -> None:
         raise UserError("--resume needs the --log-dir of the run to continue")
     if args.resume and args.checkpoint:
         raise UserError("--resume continues from <log-dir>/last.pt; do not also give --checkpoint")
+
+
+# Flags that shape the model or its forward pass: a checkpoint gives its predictions only with
+# the values it was trained with (several, such as --norm, leave the state_dict's keys unchanged).
+ARCHITECTURE_FLAGS = ("modals", "base_model", "norm", "num_L", "num_K", "use_speaker", "use_modal",
+                      "use_residue", "av_using_lstm")
+
+
+def architecture_differences(saved: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The architecture flags on which a checkpoint's saved flags and `args` differ, written as
+    flags: (the checkpoint's, this run's)."""
+    theirs, ours = [], []
+    for name in ARCHITECTURE_FLAGS:
+        if name in saved and _canonical(name, saved[name]) != _canonical(name, getattr(args, name)):
+            theirs.append(_as_flag(name, saved[name]))
+            ours.append(_as_flag(name, getattr(args, name)))
+    return theirs, ours
+
+
+def _canonical(name: str, value: Any) -> Any:
+    if name == "modals":
+        return frozenset(value)
+    if name == "norm":
+        return value if value in ("BN", "LN", "LN2") else "none"
+    return value
+
+
+def _as_flag(name: str, value: Any) -> str:
+    option = "--base-model" if name == "base_model" else f"--{name}"
+    if isinstance(value, bool):
+        if name == "av_using_lstm":
+            return option if value else f"no {option}"
+        return option if value else f"--no-{name}"
+    return f"{option} {value}"

@@ -1,5 +1,17 @@
-"""Errors a user can cause. The entry point prints them as one line and exits with status 2."""
+"""Errors a user can cause. The entry points print them as one line and exit with status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
 
 
 class UserError(Exception):
     """Bad input from the user: paths, data, flags, checkpoints."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage dump) and exits with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)

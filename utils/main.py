@@ -14,8 +14,9 @@ import torch
 from dataloader.datasets import Conversations, DataError, load_conversations
 from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state, read_checkpoint
+from model.graph import check_capacity
 from model.m3net import M3Net, ModelConfig
-from utils.config import parse_args
+from utils.config import architecture_differences, parse_args
 from utils.cpu_memory import keep_freed_memory
 from utils.dgs import DGSSettings, DGSStep, make_optimizer
 from utils.errors import UserError
@@ -83,16 +84,35 @@ def class_weights(args: argparse.Namespace, data: Conversations, train_loader) -
     return inverse_prior_weights(labels, data.n_classes)
 
 
-def default_log_dir(args: argparse.Namespace) -> Path:
-    return Path(args.log_dir or f"runs/{args.Dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+def load_weights(model: M3Net, path: str, args: argparse.Namespace) -> str:
+    """Load --checkpoint into `model`; returns the line to log. Our checkpoints also carry the
+    flags they were trained with: a different architecture flag is an error, not a quiet change
+    of predictions."""
+    checkpoint = read_checkpoint(path)
+    theirs, ours = architecture_differences(checkpoint.get("args", {}), args)
+    if theirs:
+        raise UserError(f"checkpoint {path} was trained with {' '.join(theirs)}, this run has "
+                        f"{' '.join(ours)}: give the checkpoint's flags")
+    fresh = load_model_state(model, checkpoint["model"])
+    return f"loaded weights from {path}" + (f"; initialised {', '.join(fresh)}" if fresh else "")
 
 
-def load_weights(model: M3Net, path: str, log: RunLog) -> None:
-    fresh = load_model_state(model, read_checkpoint(path)["model"])
-    log.line(f"loaded weights from {path}" + (f"; initialised {', '.join(fresh)}" if fresh else ""))
+def check_batches_fit(loaders: dict, batch_size: int, n_modalities: int) -> None:
+    """Fail now rather than hours in: every evaluation batch, and the largest train batch a shuffle
+    can draw (the `batch_size` longest dialogues), must fit M3Net's weight tables."""
+    for name, loader in loaders.items():
+        lengths = [len(d) for d in loader.dataset.dialogues]
+        if name == "train":
+            check_capacity(tuple(sorted(lengths)[-batch_size:]), n_modalities,
+                           f"--batch-size {batch_size}: a shuffled train batch")
+        else:
+            for start in range(0, len(lengths), batch_size):
+                check_capacity(tuple(lengths[start:start + batch_size]), n_modalities,
+                               f"--batch-size {batch_size}: {name} batch {start // batch_size}")
 
 
 def setup(args: argparse.Namespace) -> tuple[Conversations, dict, M3Net, torch.nn.Module, torch.device, RunLog]:
+    """Everything a run needs, checked before the log dir is created (a failed start writes nothing)."""
     device = pick_device(args)
     data = load_conversations(args.Dataset, resolve_data_dir(args))
     seed_everything(args.seed)
@@ -101,52 +121,67 @@ def setup(args: argparse.Namespace) -> tuple[Conversations, dict, M3Net, torch.n
                                num_workers=args.num_workers, pin_memory=device.type == "cuda")
     except ValueError as e:   # e.g. --valid leaves no train dialogue
         raise UserError(f"--valid {args.valid}: {e}") from None
+    used = {"test": loaders["test"]} if args.testing else loaders
+    check_batches_fit(used, args.batch_size, len(args.modals))
     model = build_model(args, data).to(device)
+    loaded = load_weights(model, args.checkpoint, args) if args.checkpoint else None
     loss_mm = multimodal_loss(args.Dataset, class_weights(args, data, loaders["train"])).to(device)
-    log = RunLog(default_log_dir(args), tensorboard=args.tensorboard and not args.testing)
+    log_dir = Path(args.log_dir or f"runs/{args.Dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    log = RunLog(log_dir, tensorboard=args.tensorboard and not args.testing, fresh=not args.log_dir)
+    if loaded:
+        log.line(loaded)
     return data, loaders, model, loss_mm, device, log
 
 
 # ---------------------------------------------------------------------- train / test
 def train(args: argparse.Namespace) -> None:
+    resume_from = None
     if args.resume:
-        args = resumed_args(args)
+        args, resume_from = resume_point(args)
     elif args.log_dir and (Path(args.log_dir) / "metrics.jsonl").exists():
         raise UserError(f"--log-dir {args.log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
     splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in loaders.items())
     log.line(f"{args.Dataset}: {splits}; on {device}; log dir {log.dir}")
     log.line("flags: " + " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())))
-    if args.checkpoint:
-        load_weights(model, args.checkpoint, log)
     optimizer = make_optimizer(model, args.lr, args.l2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_step, gamma=args.lr_decay_ratio)
     settings = DGSSettings(pareto=not args.no_pareto, shapley=not args.no_shapley, modulation=args.modulation,
                            alpha=args.alpha_, pareto_gamma=args.pareto_gamma)
     step = DGSStep(model, optimizer, loss_mm, settings)
     trainer = Trainer(args, model, step, scheduler, loaders, loss_mm, device, log, list(data.class_names))
-    if args.resume:
-        trainer.resume(log.dir / "last.pt")
+    if resume_from is not None:
+        trainer.resume(resume_from, log.dir / "last.pt")
     try:
         trainer.fit()
     finally:
         log.close()
 
 
-def resumed_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The saved flags of the run in --log-dir; --epochs, --no-cuda and --num-workers may change."""
+# What a resumed run may change: where things are and how long it goes on.
+RESUME_MAY_CHANGE = ("epochs", "no_cuda", "num_workers", "data_dir")
+RESUME_FIELDS = ("model", "optimizer", "scheduler", "epoch", "args", "best")
+
+
+def resume_point(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The saved flags of the run in --log-dir (with the RESUME_MAY_CHANGE ones from this command
+    line) and its last.pt."""
     last = Path(args.log_dir) / "last.pt"
     if not last.is_file():
         raise UserError(f"--resume: {last} does not exist")
-    saved = argparse.Namespace(**read_checkpoint(last)["args"])
-    for name in ("epochs", "no_cuda", "num_workers", "log_dir", "resume"):
-        setattr(saved, name, getattr(args, name))
-    return saved
+    state = read_checkpoint(last)
+    if not all(key in state for key in RESUME_FIELDS):
+        raise UserError(f"--resume: {last} is not a last.pt written by this project's training")
+    saved = argparse.Namespace(**state["args"])
+    for name in RESUME_MAY_CHANGE + ("log_dir", "resume"):
+        if not (name == "data_dir" and args.data_dir is None):
+            setattr(saved, name, getattr(args, name))
+    saved.checkpoint = None       # the starting weights are in last.pt now
+    return saved, state
 
 
 def test(args: argparse.Namespace) -> None:
     data, loaders, model, loss_mm, device, log = setup(args)
-    load_weights(model, args.checkpoint, log)
     result = evaluate(model, loaders["test"], loss_mm, device, args.Dataset)
     metrics = {k: result[k] for k in ("acc", "weighted_f1", "macro_f1", "micro_f1")}
     metrics["n_utterances"] = int(result["labels"].size)

@@ -4,42 +4,57 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from utils.errors import UserError
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp file beside `path` to write; renamed onto `path` when the block ends, removed if it
+    raises: a crash never leaves half a file."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
 
 
 class RunLog:
-    """Everything a run writes into its log dir, plus the flushed per-epoch line on stdout."""
+    """Everything a run writes into its log dir, plus the flushed per-epoch line on stdout.
 
-    def __init__(self, log_dir: Path, tensorboard: bool = False):
-        self.dir = log_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
+    `fresh`: log_dir is a default name no other run may share (two runs started in the same
+    second): if it exists, -2, -3, ... is appended.
+    """
+
+    def __init__(self, log_dir: Path, tensorboard: bool = False, fresh: bool = False):
+        summary_writer = _summary_writer_class() if tensorboard else None
+        self.dir = _make_dir(log_dir, fresh)
         self._text = open(self.dir / "train.log", "a", buffering=1)
-        self._writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self._writer = SummaryWriter(str(self.dir))
+        self._writer = summary_writer(str(self.dir)) if summary_writer else None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
 
     def line(self, text: str) -> None:
         print(text, flush=True)
         self._text.write(text + "\n")
 
     def epoch(self, record: dict[str, Any]) -> None:
-        with open(self.dir / "metrics.jsonl", "a") as f:
+        with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for key, value in _flatten(record).items():
@@ -47,10 +62,43 @@ class RunLog:
                     self._writer.add_scalar(key, value, record["epoch"])
             self._writer.flush()
 
+    def drop_epochs_after(self, epoch: int) -> None:
+        """Forget metrics.jsonl records past `epoch` (written before a crash that lost their checkpoint)."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
+        if len(kept) != len(lines):
+            with atomic_path(self.metrics_path) as tmp:
+                tmp.write_text("".join(kept))
+
     def close(self) -> None:
         self._text.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def _make_dir(path: Path, fresh: bool) -> Path:
+    candidate, n = path, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True, exist_ok=not fresh)
+            return candidate
+        except FileExistsError:
+            if not fresh or not candidate.is_dir():
+                raise UserError(f"--log-dir {candidate}: exists and is not a folder") from None
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+        except OSError as e:
+            raise UserError(f"--log-dir {candidate}: cannot create it ({e.strerror})") from None
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.checkpoint import read_checkpoint, save_atomic
+from model.checkpoint import save_atomic
 from model.m3net import M3Net
 from utils.dgs import DGSStep, utterance_labels
 from utils.metrics import classification_metrics, report
@@ -32,19 +32,21 @@ def _progress(loader: DataLoader, desc: str):
 @torch.no_grad()
 def evaluate(model: M3Net, loader: DataLoader, loss_mm: nn.Module, device: torch.device,
              dataset: str) -> dict[str, Any]:
-    """Loss and metrics of one split in loader order; 'preds'/'labels' are numpy arrays."""
+    """Loss and metrics of one split in loader order; 'preds'/'labels' are numpy arrays.
+
+    The loss is L_mm over the whole split at once (with class weights, the weighted mean over all
+    its utterances, not a mean of per-batch means).
+    """
     model.eval()
-    losses, sizes, preds, labels = [], [], [], []
+    log_probs, labels = [], []
     for batch in _progress(loader, "eval"):
         batch = batch.to(device, non_blocking=True)
         out = model(batch)
-        y = utterance_labels(batch, out)
-        losses.append(loss_mm(out.log_probs, y) * y.numel())
-        sizes.append(y.numel())
-        preds.append(out.log_probs.argmax(-1))
-        labels.append(y)
-    preds_np, labels_np = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
-    return {"loss": float(torch.stack(losses).sum().cpu()) / sum(sizes),
+        log_probs.append(out.log_probs)
+        labels.append(utterance_labels(batch, out))
+    log_probs, labels = torch.cat(log_probs), torch.cat(labels)
+    preds_np, labels_np = log_probs.argmax(-1).cpu().numpy(), labels.cpu().numpy()
+    return {"loss": float(loss_mm(log_probs, labels)),
             **classification_metrics(labels_np, preds_np, dataset),
             "preds": preds_np, "labels": labels_np}
 
@@ -146,14 +148,14 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "args": vars(self.args),
                 "metrics": record, "best": self.best}
 
-    def resume(self, path: Path) -> None:
-        """Continue after the epoch saved in `path` (a last.pt of this run)."""
-        state = read_checkpoint(path)
+    def resume(self, state: dict[str, Any], path: Path) -> None:
+        """Continue after the epoch saved in `state`, this run's last.pt read from `path`."""
         self.model.load_state_dict(state["model"])
         self.step.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.best = state["best"]
         self.start_epoch = state["epoch"] + 1
+        self.log.drop_epochs_after(state["epoch"])
         self.log.line(f"resumed from {path} after epoch {state['epoch']}")
 
     def summary(self) -> dict[str, Any]:
