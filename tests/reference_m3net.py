@@ -175,7 +175,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5, atol
     got, want = got.detach().double(), want.detach().double()
     diff = (got - want).abs()
     bad = diff > atol + rtol * want.abs()
-    if bad.any() or not torch.isfinite(got).all():
+    if bad.any() or not torch.isfinite(got).all() or not torch.isfinite(want).all():
         idx = int(bad.flatten().nonzero()[0]) if bad.any() else -1
         raise AssertionError(
             f"{int(bad.sum())}/{bad.numel()} elements differ; max abs diff {diff.max().item():.3e} "

@@ -128,9 +128,9 @@ def test_ogm_coefficients_by_hand():
 
 
 def test_ogm_coefficients_floor_negative_scores():
-    kappa = ogm_coefficients(torch.tensor([0.2, -0.1]), alpha=0.5)
-    r0 = 0.2 / 1e-6
-    assert kappa.tolist() == pytest.approx([1 - math.tanh(0.5 * (r0 - 1)), 1.0])
+    # A negative score counts as ε = 1e-6: r_0 = 2e-6 / 1e-6 = 2, a ratio tanh does not saturate.
+    kappa = ogm_coefficients(torch.tensor([2e-6, -0.1]), alpha=0.5)
+    assert kappa.tolist() == pytest.approx([1 - math.tanh(0.5), 1.0], rel=1e-5)
 
 
 def test_ogm_single_modality_is_untouched():

@@ -386,7 +386,12 @@ def test_av_using_lstm_modules_are_named_and_grouped(base_model):
                | {f"{r}_{m}" for r in ("gru", "lstm") for m in "lav"} | {"trans_l", "graph_model", "smax_fc"}
                | {"head_a", "head_v", "head_l"})
     assert prefixes <= allowed, sorted(prefixes - allowed)
+    rnn = "gru" if base_model == "GRU" else "lstm"
+    other = "lstm" if rnn == "gru" else "gru"
+    assert {f"{rnn}_a", f"{rnn}_v"} <= prefixes and f"{other}_a" not in prefixes
     groups = {m: {id(p) for p in ps} for m, ps in model.encoder_groups().items()}
+    for m in "av":
+        assert {id(p) for p in getattr(model, f"{rnn}_{m}").parameters()} <= groups[m]
     for name, p in model.named_parameters():
         top = name.split(".")[0]
         for m in "av":

@@ -289,7 +289,15 @@ def test_resume_without_the_starting_checkpoint_and_after_a_lost_epoch(capsys, t
     (tmp_path / "start.pt").unlink()              # the run's own last.pt is all a resume needs
     with open(log / "metrics.jsonl", "a") as f:   # an epoch logged, then a crash before its last.pt
         f.write('{"epoch": 1, "lost": true}\n')
-    status, out, err = run_main(capsys, ["--resume", "--log-dir", str(log), "--epochs", "2"])
+    # Flags left out keep their saved values, not the script defaults (epochs 2, CUDA allowed).
+    argv = ["--resume", "--log-dir", str(log)]
+    saved, _ = entry.resume_point(entry.parse_args("MELD", DEFAULTS["MELD"], argv),
+                                  entry.given_flags("MELD", DEFAULTS["MELD"], argv))
+    assert (saved.epochs, saved.no_cuda, saved.batch_size, saved.checkpoint) == (1, True, 4, None)
+    status, _, err = run_main(capsys, [*argv, "--lr", "0.5"])
+    assert status == 2
+    assert "changes lr (0.0001 -> 0.5): only epochs, no_cuda, num_workers, data_dir may change" in err
+    status, out, err = run_main(capsys, [*common, "--resume", "--epochs", "2"])   # the same flags again
     assert status == 0, err
     records = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and "lost" not in records[1]
@@ -376,3 +384,18 @@ def test_new_run_refuses_a_log_dir_holding_a_run(capsys, tmp_path, meld_dir):
     assert status == 2
     assert "already holds a run" in err and "--resume" in err
     assert (log / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
+
+
+def test_run_scripts_defaults_are_the_readme_settings():
+    """Without flags: IEMOCAP seed 1475, --use_modal on, γ 0.2; MELD seed 67137, --use_modal off, γ 1.0."""
+    sys.path.insert(0, str(REPO / "run"))
+    try:
+        from train_OGM_Shapley_MMPareto_IEMOCAP import IEMOCAP_DEFAULTS
+        from train_OGM_Shapley_MMPareto_MELD import MELD_DEFAULTS
+    finally:
+        sys.path.remove(str(REPO / "run"))
+    iemocap = entry.parse_args("IEMOCAP", IEMOCAP_DEFAULTS, [])
+    meld = entry.parse_args("MELD", MELD_DEFAULTS, [])
+    assert (iemocap.seed, iemocap.use_modal, iemocap.pareto_gamma, iemocap.epochs, iemocap.lr) == (1475, True, 0.2, 80, 1e-4)
+    assert (meld.seed, meld.use_modal, meld.pareto_gamma, meld.epochs, meld.lr) == (67137, False, 1.0, 50, 1e-5)
+    assert iemocap.dropout == 0.5 and meld.dropout == 0.4

@@ -108,6 +108,15 @@ def parse_args(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | Non
     return args
 
 
+def given_flags(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = None) -> set[str]:
+    """The names (dests) of the flags present on the command line, whatever their values."""
+    p = build_parser(dataset, defaults)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    p._defaults.clear()
+    return set(vars(p.parse_args(argv)))
+
+
 def check_args(args: argparse.Namespace, dataset: str) -> None:
     if args.Dataset != dataset:
         raise UserError(f"--Dataset {args.Dataset} given to the {dataset} script; "

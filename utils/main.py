@@ -16,7 +16,7 @@ from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state, read_checkpoint
 from model.graph import check_capacity
 from model.m3net import M3Net, ModelConfig
-from utils.config import architecture_differences, parse_args
+from utils.config import architecture_differences, given_flags, parse_args
 from utils.cpu_memory import keep_freed_memory
 from utils.dgs import DGSSettings, DGSStep, make_optimizer
 from utils.errors import UserError
@@ -35,7 +35,7 @@ def main(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = No
         if args.testing:
             test(args)
         else:
-            train(args)
+            train(args, given_flags(dataset, defaults, argv) if args.resume else set())
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -134,10 +134,11 @@ def setup(args: argparse.Namespace) -> tuple[Conversations, dict, M3Net, torch.n
 
 
 # ---------------------------------------------------------------------- train / test
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace, given: set[str]) -> None:
+    """Train; with --resume, `given` holds the flags on the command line (see resume_point)."""
     resume_from = None
     if args.resume:
-        args, resume_from = resume_point(args)
+        args, resume_from = resume_point(args, given)
     elif args.log_dir and (Path(args.log_dir) / "metrics.jsonl").exists():
         raise UserError(f"--log-dir {args.log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
@@ -163,21 +164,28 @@ RESUME_MAY_CHANGE = ("epochs", "no_cuda", "num_workers", "data_dir")
 RESUME_FIELDS = ("model", "optimizer", "scheduler", "epoch", "args", "best")
 
 
-def resume_point(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """The saved flags of the run in --log-dir (with the RESUME_MAY_CHANGE ones from this command
-    line) and its last.pt."""
+def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The saved flags of the run in --log-dir, and its last.pt.
+
+    Of the flags `given` on this command line, the RESUME_MAY_CHANGE ones replace the saved
+    values; any other must repeat its saved value (a changed one is an error, not ignored).
+    """
     last = Path(args.log_dir) / "last.pt"
     if not last.is_file():
         raise UserError(f"--resume: {last} does not exist")
     state = read_checkpoint(last)
     if not all(key in state for key in RESUME_FIELDS):
         raise UserError(f"--resume: {last} is not a last.pt written by this project's training")
-    saved = argparse.Namespace(**state["args"])
-    for name in RESUME_MAY_CHANGE + ("log_dir", "resume"):
-        if not (name == "data_dir" and args.data_dir is None):
-            setattr(saved, name, getattr(args, name))
-    saved.checkpoint = None       # the starting weights are in last.pt now
-    return saved, state
+    saved = dict(state["args"])
+    changed = sorted(name for name in given - set(RESUME_MAY_CHANGE) - {"log_dir", "resume"}
+                     if getattr(args, name) != saved.get(name))
+    if changed:
+        raise UserError(f"--resume continues {last} with its saved flags, and this command line changes "
+                        f"{', '.join(f'{n} ({saved.get(n)!r} -> {getattr(args, n)!r})' for n in changed)}: "
+                        f"only {', '.join(RESUME_MAY_CHANGE)} may change")
+    saved.update({name: getattr(args, name) for name in given & set(RESUME_MAY_CHANGE)})
+    saved.update(log_dir=args.log_dir, resume=True, checkpoint=None)   # the starting weights are in last.pt now
+    return argparse.Namespace(**saved), state
 
 
 def test(args: argparse.Namespace) -> None:
