@@ -18,3 +18,10 @@ $PY benchmarks/bench_train.py --Dataset IEMOCAP MELD --device cuda --steps 10 --
 # M3Net's own sizes (the reference runs out of memory on an 80 GB card here): DGS only.
 $PY benchmarks/bench_train.py --Dataset MELD IEMOCAP --device cuda --configs dgs --num_L 3 --num_K 4 \
     --batch-size 16 --steps 5 --epochs 1 --json "$OUT/bench_cuda_m3net.json" 2>&1 | tee "$OUT/bench_cuda_m3net.log"
+# Where a step's time goes on the GPU: host time, kernel launches and GPU time per phase.
+for dataset in MELD IEMOCAP; do
+    for config in dgs plain; do
+        $PY benchmarks/profile_step.py --Dataset $dataset --config $config --device cuda 2>&1 \
+            | tee -a "$OUT/profile.log"
+    done
+done

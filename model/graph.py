@@ -54,6 +54,8 @@ class DialogueGraph:
                                       #     padded dialogue's first padded step (standing for all of them)
     step_rows: torch.Tensor           # [T, B] each step's row in `distinct_steps` (a padded step: the
                                       #     shared one; model/padding.py: distinct_rows, expand_rows)
+    other_real_sources: torch.Tensor  # [B, 1, T, T] bool: s ≠ t and s real (high-frequency edges t <- s)
+    other_modalities: torch.Tensor    # [M, M] bool: m ≠ m'
 
     @property
     def n_nodes(self) -> int:
@@ -122,14 +124,30 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
     # Input step (t, b) equals step (min(t, n_b), b): padded steps share the first padded one.
     shared_step = torch.minimum(t[:, None], length[None, :]) * n_dialogues + torch.arange(n_dialogues)
     distinct_steps, step_rows = torch.unique(shared_step.reshape(-1), return_inverse=True)
-    return DialogueGraph(
-        lengths=lengths, n_modalities=n_modalities,
-        valid=valid.to(device), node_ids=node_ids.to(device),
-        modality_edge_ids=modality_edge_ids.to(device), utterance_edge_ids=utterance_edge_ids.to(device),
-        high_freq_norm=(inv_sqrt * inv_sqrt).to(device), flat_valid=flat_valid.to(device),
-        flat_valid_nodes=flat_valid_nodes.to(device), distinct_steps=distinct_steps.to(device),
-        step_rows=step_rows.view(max_len, n_dialogues).to(device),
-    )
+    fields = dict(
+        valid=valid, node_ids=node_ids, modality_edge_ids=modality_edge_ids, utterance_edge_ids=utterance_edge_ids,
+        high_freq_norm=inv_sqrt * inv_sqrt, flat_valid=flat_valid, flat_valid_nodes=flat_valid_nodes,
+        distinct_steps=distinct_steps, step_rows=step_rows.view(max_len, n_dialogues),
+        other_real_sources=valid[:, None, None, :] & ~torch.eye(max_len, dtype=torch.bool),
+        other_modalities=~torch.eye(n_modalities, dtype=torch.bool))
+    return DialogueGraph(lengths=lengths, n_modalities=n_modalities, **_to_device(fields, device))
+
+
+def _to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors on `device` in one copy per dtype, and no wait: each copy of a pageable tensor
+    to a GPU waits for the GPU to finish all it was given, so nine of them per batch would stall
+    every step; these go as one pinned buffer per dtype, asynchronously."""
+    if device.type == "cpu":
+        return tensors
+    moved = {}
+    for dtype in {t.dtype for t in tensors.values()}:
+        names = [name for name, t in tensors.items() if t.dtype == dtype]
+        packed = torch.cat([tensors[name].reshape(-1) for name in names])
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        parts = packed.to(device, non_blocking=True).split([tensors[name].numel() for name in names])
+        moved.update((name, part.view(tensors[name].shape)) for name, part in zip(names, parts))
+    return moved
 
 
 class HypergraphConv(nn.Module):
@@ -185,18 +203,13 @@ class HighFrequencyConv(nn.Module):
         h = x.shape[-1]
         target_score = F.linear(x, self.gate.weight[:, :h]).squeeze(-1)          # [..., B, M, T]
         source_score = F.linear(x, self.gate.weight[:, h:]).squeeze(-1) + self.gate.bias
-        n_mod, max_len = x.shape[-3], x.shape[-2]
-        eye_t = torch.eye(max_len, dtype=torch.bool, device=x.device)
-        eye_m = torch.eye(n_mod, dtype=torch.bool, device=x.device)
-
         # Within a modality: gate[t, s] over utterances, padded sources and self-loops removed.
-        keep = graph.valid[:, None, None, :] & ~eye_t                               # [B, 1, T(t), T(s)]
         gate = torch.tanh(target_score[..., :, None] + source_score[..., None, :])  # [..., B, M, T, T]
-        same_modality = torch.matmul(gate * keep, x)
+        same_modality = torch.matmul(gate * graph.other_real_sources, x)
 
         # Within an utterance: gate[m, m'] over modalities, self-loops removed.
         gate = torch.tanh(target_score.transpose(-1, -2)[..., :, None] + source_score.transpose(-1, -2)[..., None, :])
-        same_utterance = torch.matmul(gate * ~eye_m, x.transpose(-2, -3)).transpose(-2, -3)  # [..., B, M, T, H]
+        same_utterance = torch.matmul(gate * graph.other_modalities, x.transpose(-2, -3)).transpose(-2, -3)
 
         norm = graph.high_freq_norm[:, None, None, None]
         return (same_modality + same_utterance) * norm

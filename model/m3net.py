@@ -87,14 +87,14 @@ class GraphModel(nn.Module):
         for k in range(1, cfg.num_K + 1):
             setattr(self, f"conv{k}", HighFrequencyConv(HIDDEN_DIM))
 
-    def add_embeddings(self, nodes: torch.Tensor, speakers: torch.Tensor) -> torch.Tensor:
-        """nodes [B, M, T, D] (modalities in node order), speakers [B, T] -> nodes with embeddings."""
+    def nodes(self, encoded: list[torch.Tensor], speakers: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs [B, T, D] per modality (node order), speakers [B, T] -> graph input
+        [B, M, T, D] with the speaker (text nodes) and modal embeddings added."""
         mods = self.cfg.modalities
         if self.cfg.use_speaker and "l" in mods:
             text_row = mods.index("l")
-            speaker = torch.zeros_like(nodes)
-            speaker[:, text_row] = self.speaker_embeddings(speakers)
-            nodes = nodes + speaker
+            encoded = [z + self.speaker_embeddings(speakers) if i == text_row else z for i, z in enumerate(encoded)]
+        nodes = torch.stack(encoded, dim=1)
         if self.cfg.use_modal:
             nodes = nodes + self.modal_embeddings(self.modal_rows)[None, :, None, :]
         return nodes
@@ -236,9 +236,8 @@ class M3Net(nn.Module):
     # ----------------------------------------------------------------- fusion
     def graph_nodes(self, encoded: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Encoder outputs -> graph input [B, M, T, 1024] with speaker / modal embeddings."""
-        nodes = torch.stack([encoded[m].transpose(0, 1) for m in self.cfg.modalities], dim=1)
         speakers = batch.qmask.argmax(-1).transpose(0, 1)                      # [B, T]
-        return self.graph_model.add_embeddings(nodes, speakers)
+        return self.graph_model.nodes([encoded[m].transpose(0, 1) for m in self.cfg.modalities], speakers)
 
     def fuse(self, nodes: torch.Tensor, graph: DialogueGraph, coalitions: torch.Tensor | None = None,
              dropout: bool = True, projected: torch.Tensor | None = None) -> torch.Tensor:

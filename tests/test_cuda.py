@@ -12,6 +12,8 @@ from model.graph import build_graph
 from model.m3net import M3Net, ModelConfig
 from utils import main as entry
 from utils.dgs import DGSSettings, DGSStep
+from utils.modulation import modulate
+from utils.segments import scale_segments_, segment_stds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -40,6 +42,22 @@ def test_graph_structure_is_built_on_the_device():
     assert graph.node_ids.device.type == "cuda" and graph.flat_valid.device.type == "cuda"
     assert build_graph((3, 1, 2), 3, CUDA) is graph
     assert build_graph((3, 1, 2), 3, torch.device("cpu")).node_ids.device.type == "cpu"
+
+
+def test_per_tensor_operations_on_cuda_match_the_cpu():
+    # The GPU's whole-vector versions (utils/segments.py) against the CPU's per-tensor ones.
+    torch.manual_seed(0)
+    sizes = [5000, 1, 3, 120000]
+    flat = torch.randn(sum(sizes)) * 2 + 7
+    factors = torch.tensor([0.5, -2.0, 3.0, 1e-3])
+    torch.testing.assert_close(segment_stds(flat.to(CUDA), sizes).cpu(), segment_stds(flat, sizes))
+    torch.testing.assert_close(scale_segments_(flat.to(CUDA), sizes, factors.to(CUDA)).cpu(),
+                               scale_segments_(flat.clone(), sizes, factors))
+    noise = (modulate(flat.to(CUDA), sizes, torch.tensor(0.5, device=CUDA), True) - 0.5 * flat.to(CUDA)).cpu()
+    parts, originals = noise.split(sizes), flat.split(sizes)
+    for i in (0, 3):                 # each tensor's noise has its std; a one-element tensor gets none
+        assert parts[i].std().item() == pytest.approx(originals[i].std().item(), rel=0.05)
+    assert parts[1].item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_forward_on_cuda_matches_the_cpu(iemocap_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from utils.noise import standard_normal_like
+from utils.segments import scale_segments_, segment_stds
 
 SCORE_FLOOR = 1e-6   # ε: Shapley scores can be ≤ 0; the ratio needs positive numbers
 
@@ -28,8 +29,6 @@ def modulate(grad: torch.Tensor, sizes: list[int], coeff: torch.Tensor, gaussian
     OGM-GE per-tensor noise N(0, std(g_p)²), the std taken before scaling."""
     if not gaussian_noise:
         return grad * coeff
-    parts = grad.split(sizes)
-    stds = [p.std() if p.numel() > 1 else torch.zeros((), device=grad.device) for p in parts]
-    noise = standard_normal_like(grad)
-    torch._foreach_mul_(noise.split(sizes), stds)
+    stds = segment_stds(grad, sizes)
+    noise = scale_segments_(standard_normal_like(grad), sizes, stds)
     return noise.addcmul_(grad, coeff)

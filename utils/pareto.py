@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.segments import scale_segments_, segment_norms
+
 K_MIN, K_MAX = 0.001, 0.999
 
 
@@ -39,17 +41,15 @@ def pareto_combine(g_mm: torch.Tensor, g_uni: torch.Tensor, sizes: list[int], ga
     g_mm is overwritten. Agreeing gradients (cos > 0) get k = (½, ½), conflicting ones the
     min-norm weights. Per tensor p: n_p = 2(k1 g_mm,p + k2 g_u,p), rescaled so its norm is at
     least that of the plain sum, times γ: g_p = γ · max(‖g_mm,p + g_u,p‖ / ‖n_p‖, 1) · n_p.
-    The group is a few flat operations (three dot products, per-tensor norms in one fused
-    call), so the cost does not grow with the number of parameter tensors.
+    The group is a few flat operations (three dot products, per-tensor norms and scaling in a few
+    kernels, utils/segments.py), so the cost does not grow with the number of parameter tensors.
     """
     dots = g_mm @ g_mm, g_uni @ g_uni, g_mm @ g_uni
     cos = _cosine(*dots)
     k1 = torch.where(cos > 0, torch.full_like(cos, 0.5), _min_norm_weight(*dots))
     half = torch.lerp(g_uni, g_mm, k1)                                  # n / 2 = k1 g_mm + (1 − k1) g_u
     plain_sum = g_mm.add_(g_uni)
-    sum_norms = torch.stack(torch._foreach_norm(plain_sum.split(sizes)))
-    half_norms = torch.stack(torch._foreach_norm(half.split(sizes)))
+    sum_norms, half_norms = segment_norms(plain_sum, sizes), segment_norms(half, sizes)
     ratio = torch.where(half_norms > 0, sum_norms / (2 * half_norms), torch.ones_like(half_norms))
     factors = 2 * gamma * ratio.clamp_min(1.0)                          # per tensor, applied to n / 2
-    torch._foreach_mul_(half.split(sizes), list(factors.unbind()))
-    return half, cos
+    return scale_segments_(half, sizes, factors), cos
