@@ -45,7 +45,7 @@ def test_graph_structure_is_built_on_the_device():
 
 
 def test_per_tensor_operations_on_cuda_match_the_cpu():
-    # The GPU's whole-vector versions (utils/segments.py) against the CPU's per-tensor ones.
+    # The GPU's whole-vector scaling (utils/segments.py) against the CPU's per-tensor one.
     torch.manual_seed(0)
     sizes = [5000, 1, 3, 120000]
     flat = torch.randn(sum(sizes)) * 2 + 7

@@ -1,10 +1,12 @@
 """Per-tensor statistics and scaling on a flat vector of concatenated parameter tensors (the
 gradient shaping works on each encoder group flattened; `sizes` are its tensors' numels in order).
 
-On the GPU a step is bound by kernel launches, not arithmetic, so each function here is a few
-kernels over the whole vector, whatever the number of tensors (the text encoder has 26). On the
-CPU there are no launches to save, and per-tensor operations that stay in cache are the faster
-ones (scaling 10.5M floats tensor by tensor: ~1 ms; through an expanded per-element factor: ~35).
+On the GPU a step is bound by kernel launches, not arithmetic: the scaling there is one kernel
+over the whole vector, whatever the number of tensors (the text encoder has 26). On the CPU there
+are no launches to save, and per-tensor operations that stay in cache are the faster ones
+(scaling 10.5M floats tensor by tensor: ~1 ms; through an expanded per-element factor: ~35).
+The stds stay per tensor everywhere: torch.segment_reduce, which could take them in a few
+kernels, costs more host time on the GPU than the 26 reductions it would replace.
 """
 from __future__ import annotations
 
@@ -20,10 +22,8 @@ def segment_norms(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 def segment_stds(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Sample standard deviation (n − 1) of each tensor: [P]; 0 for a one-element tensor."""
-    if flat.device.type == "cpu":
-        zero = flat.new_zeros(())
-        return torch.stack([part.std() if part.numel() > 1 else zero for part in flat.split(sizes)])
-    return _segment_stds_batched(flat, sizes)
+    zero = flat.new_zeros(())
+    return torch.stack([part.std() if part.numel() > 1 else zero for part in flat.split(sizes)])
 
 
 def scale_segments_(flat: torch.Tensor, sizes: list[int], factors: torch.Tensor) -> torch.Tensor:
@@ -34,15 +34,7 @@ def scale_segments_(flat: torch.Tensor, sizes: list[int], factors: torch.Tensor)
     return _scale_segments_batched_(flat, sizes, factors)
 
 
-# Whole-vector versions (the GPU's; tested against the per-tensor ones on the CPU).
-def _segment_stds_batched(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Two passes, as torch.std: the segment means, then the norms of the centred segments."""
-    counts, counts_float = _counts(tuple(sizes), flat.device)
-    means = torch.segment_reduce(flat, "sum", lengths=counts) / counts_float
-    centred = flat - means.index_select(0, _segment_ids(tuple(sizes), flat.device))
-    return segment_norms(centred, sizes) / (counts_float - 1).clamp_min(1).sqrt()
-
-
+# The GPU's version (tested against the per-tensor one on the CPU).
 def _scale_segments_batched_(flat: torch.Tensor, sizes: list[int], factors: torch.Tensor) -> torch.Tensor:
     return flat.mul_(factors.index_select(0, _segment_ids(tuple(sizes), flat.device)))
 
@@ -52,10 +44,3 @@ def _segment_ids(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """[Σ sizes] int32: the tensor each element belongs to (int32: 42 MB for the text encoder)."""
     ids = torch.arange(len(sizes), dtype=torch.int32)
     return ids.repeat_interleave(torch.tensor(sizes)).to(device)
-
-
-@functools.lru_cache(maxsize=32)
-def _counts(sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each tensor's numel, as int64 (for segment_reduce) and as float32 (to divide by)."""
-    counts = torch.tensor(sizes)
-    return counts.to(device), counts.float().to(device)
