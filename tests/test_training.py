@@ -248,8 +248,19 @@ def test_batches_too_large_for_the_weight_tables_fail_before_training(capsys, tm
     assert status == 2
     assert err.strip() == (f"error: --batch-size 4: a shuffled train batch of 4 dialogues ({sum(longest)} utterances) "
                            f"needs {needed} hyperedges and {3 * sum(longest)} nodes, but M3Net's weight tables hold "
-                           f"{needed - 1} and {graph.NODE_CAPACITY}: use a smaller --batch-size")
+                           f"{needed - 1} and {graph.NODE_CAPACITY}: use a smaller --batch-size; the largest that "
+                           f"fits this data is --batch-size 3")
     assert "epoch" not in out and not (tmp_path / "x").exists()
+
+
+def test_batch_size_hint_when_one_dialogue_is_too_long(capsys, tmp_path, meld_dir, monkeypatch):
+    data = load_conversations("MELD", meld_dir)
+    longest = max(len(d) for d in data.splits["train"])
+    monkeypatch.setattr(graph, "HYPEREDGE_CAPACITY", longest + 3 - 1)    # its utterances + 3 modalities, less one
+    status, out, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(tmp_path / "x"), *FAST])
+    assert status == 2
+    assert err.strip().endswith("use a smaller --batch-size; no batch size fits: one dialogue alone is too long")
+    assert not (tmp_path / "x").exists()
 
 
 def _own_checkpoint(meld_dir, path, **saved_flags):
@@ -354,7 +365,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(capsys, tm
     log = tmp_path / "nan"
     status, out, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, "--epochs", "3"])
     assert status == 1
-    assert "epoch 1, step 1" in err
+    assert f"at epoch 2/3 (epoch 1 in metrics.jsonl), step 2/{steps};" in err
     assert torch.load(log / "last.pt", weights_only=True)["epoch"] == 0
 
 

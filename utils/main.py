@@ -14,14 +14,14 @@ import torch
 from dataloader.datasets import Conversations, DataError, load_conversations
 from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state, read_checkpoint
-from model.graph import check_capacity
+from model.graph import GraphCapacityError, check_capacity
 from model.m3net import M3Net, ModelConfig
 from utils.config import architecture_differences, given_flags, parse_args
 from utils.cpu_memory import keep_freed_memory
 from utils.dgs import DGSSettings, DGSStep, make_optimizer
 from utils.errors import UserError
 from utils.losses import inverse_prior_weights, multimodal_loss
-from utils.runlog import RunLog, write_json
+from utils.runlog import METRICS_FILE, RunLog, write_json
 from utils.trainer import Trainer, TrainingDiverged, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,26 @@ def load_weights(model: M3Net, path: str, args: argparse.Namespace) -> str:
 
 def check_batches_fit(loaders: dict, batch_size: int, n_modalities: int) -> None:
     """Fail now rather than hours in: every evaluation batch, and the largest train batch a shuffle
-    can draw (the `batch_size` longest dialogues), must fit M3Net's weight tables."""
+    can draw (the `batch_size` longest dialogues), must fit M3Net's weight tables. The error names
+    the largest batch size that fits."""
+    try:
+        _check_batches(loaders, batch_size, n_modalities)
+    except GraphCapacityError as e:
+        fitting = next((b for b in range(batch_size - 1, 0, -1) if _batches_fit(loaders, b, n_modalities)), None)
+        hint = (f"the largest that fits this data is --batch-size {fitting}" if fitting
+                else "no batch size fits: one dialogue alone is too long")
+        raise GraphCapacityError(f"{e}; {hint}") from None
+
+
+def _batches_fit(loaders: dict, batch_size: int, n_modalities: int) -> bool:
+    try:
+        _check_batches(loaders, batch_size, n_modalities)
+    except GraphCapacityError:
+        return False
+    return True
+
+
+def _check_batches(loaders: dict, batch_size: int, n_modalities: int) -> None:
     for name, loader in loaders.items():
         lengths = [len(d) for d in loader.dataset.dialogues]
         if name == "train":
@@ -139,7 +158,7 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     resume_from = None
     if args.resume:
         args, resume_from = resume_point(args, given)
-    elif args.log_dir and (Path(args.log_dir) / "metrics.jsonl").exists():
+    elif args.log_dir and (Path(args.log_dir) / METRICS_FILE).exists():
         raise UserError(f"--log-dir {args.log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
     splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in loaders.items())

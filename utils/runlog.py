@@ -11,6 +11,8 @@ from typing import Any
 
 from utils.errors import UserError
 
+METRICS_FILE = "metrics.jsonl"   # one JSON record per epoch
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -47,7 +49,7 @@ class RunLog:
 
     @property
     def metrics_path(self) -> Path:
-        return self.dir / "metrics.jsonl"
+        return self.dir / METRICS_FILE
 
     def line(self, text: str) -> None:
         print(text, flush=True)

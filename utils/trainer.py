@@ -103,7 +103,8 @@ class Trainer:
             labels.append(step_stats["labels"])
         bad = int(stats.bad_step.item())
         if bad >= 0:
-            raise TrainingDiverged(f"the loss became NaN/Inf at epoch {epoch}, step {bad}; "
+            raise TrainingDiverged(f"the loss became NaN/Inf at epoch {epoch + 1}/{args.epochs} (epoch {epoch} in "
+                                   f"metrics.jsonl), step {bad + 1}/{stats.steps}; "
                                    f"{self.log.dir / 'last.pt'} holds the last good epoch")
         means = stats.means()
         preds_np, labels_np = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
