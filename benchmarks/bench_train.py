@@ -93,15 +93,18 @@ def time_loading(loaders: dict) -> float:
     return time.perf_counter() - start
 
 
-def time_epoch(step: DGSStep, loaders: dict, loss, device: torch.device, dataset: str) -> float:
+def time_epoch(step: DGSStep, loaders: dict, loss, device: torch.device, dataset: str) -> tuple[float, float]:
+    """Seconds of one epoch's training loop and of its test evaluation."""
     sync(device)
     start = time.perf_counter()
     step.model.train()
     for batch in loaders["train"]:
         step(batch.to(device, non_blocking=True), modulation_on=True)
+    sync(device)
+    trained = time.perf_counter()
     evaluate(step.model, loaders["test"], loss, device, dataset)
     sync(device)
-    return time.perf_counter() - start
+    return trained - start, time.perf_counter() - trained
 
 
 def profile_steps(step: DGSStep, batch, device: torch.device, repeats: int = 3
@@ -191,7 +194,7 @@ def main() -> None:
                 model, step, loss = build(data, device, CONFIGS[name], README_FLAGS[dataset], args)
                 gemm_before, stalls_before = gemm_gflops(device), stall_share()
                 step_times = time_steps(step, batches, device, args.warmup, args.steps)
-                epoch_times = [time_epoch(step, loaders, loss, device, dataset) for _ in range(args.epochs)]
+                epoch_times = [sum(time_epoch(step, loaders, loss, device, dataset)) for _ in range(args.epochs)]
                 peak_mib = peak_memory_mib(device)          # before the profiler adds its own
                 phases, phase_floor, gflop = profile_steps(step, batches[0], device, args.profile_steps)
                 row = {"dataset": dataset, "device": device_name, "config": name,

@@ -18,7 +18,7 @@ from model.checkpoint import save_atomic
 from model.m3net import M3Net
 from utils.dgs import DGSStep, utterance_labels
 from utils.metrics import classification_metrics, report
-from utils.runlog import RunLog, write_json
+from utils.runlog import METRICS_FILE, RunLog, write_json
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,7 +104,7 @@ class Trainer:
         bad = int(stats.bad_step.item())
         if bad >= 0:
             raise TrainingDiverged(f"the loss became NaN/Inf at epoch {epoch + 1}/{args.epochs} (epoch {epoch} in "
-                                   f"metrics.jsonl), step {bad + 1}/{stats.steps}; "
+                                   f"{METRICS_FILE}), step {bad + 1}/{stats.steps}; "
                                    f"{self.log.dir / 'last.pt'} holds the last good epoch")
         means = stats.means()
         preds_np, labels_np = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
@@ -170,7 +170,7 @@ class Trainer:
         write_json(self.log.dir / "summary.json", summary)
         test = best["record"]["test"]
         self.log.line(f"selected epoch {best['epoch'] + 1}/{self.args.epochs} (epoch {best['epoch']} in "
-                      f"metrics.jsonl) by {protocol}: test acc {test['acc']:.2f} "
+                      f"{METRICS_FILE}) by {protocol}: test acc {test['acc']:.2f} "
                       f"weighted F1 {test['weighted_f1']:.2f} macro F1 {test['macro_f1']:.2f} "
                       f"micro F1 {test['micro_f1']:.2f}")
         self.log.line(text.rstrip())
