@@ -314,6 +314,17 @@ def test_resume_without_the_starting_checkpoint_and_after_a_lost_epoch(capsys, t
     assert [r["epoch"] for r in records] == [0, 1] and "lost" not in records[1]
 
 
+def test_given_flags_are_those_on_the_command_line_whatever_their_values():
+    def given(*argv: str) -> set[str]:
+        return entry.given_flags("MELD", DEFAULTS["MELD"], list(argv))
+
+    assert given() == set()
+    # A value equal to the default still counts; abbreviations, --x=v and --no-x are flags too.
+    assert given("--lr", "0.0001", "--epo=3", "--no-class-weight", "--resume") == {"lr", "epochs", "class_weight",
+                                                                                 "resume"}
+    assert given("--seed", "0", "--Dataset", "MELD", "--no-cuda") == {"seed", "Dataset", "no_cuda"}
+
+
 def test_evaluation_loss_is_the_weighted_loss_of_the_whole_split(iemocap_dir):
     data = load_conversations("IEMOCAP", iemocap_dir)
     loaders = make_loaders(data, 2, shuffle_train=False)

@@ -110,11 +110,12 @@ def parse_args(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | Non
 
 def given_flags(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = None) -> set[str]:
     """The names (dests) of the flags present on the command line, whatever their values."""
-    p = build_parser(dataset, defaults)
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    p._defaults.clear()
-    return set(vars(p.parse_args(argv)))
+    parser = build_parser(dataset, defaults)
+    # argparse fills in a default only for names the namespace it is handed lacks: pre-filled
+    # with a marker, exactly the flags left off the command line keep it.
+    absent = object()
+    namespace = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), absent))
+    return {name for name, value in vars(parser.parse_args(argv, namespace=namespace)).items() if value is not absent}
 
 
 def check_args(args: argparse.Namespace, dataset: str) -> None:
