@@ -312,6 +312,13 @@ def test_resume_without_the_starting_checkpoint_and_after_a_lost_epoch(capsys, t
     assert status == 0, err
     records = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and "lost" not in records[1]
+    # A run saved before a flag existed: the flag takes this command line's value.
+    state = torch.load(log / "last.pt", weights_only=False)
+    del state["args"]["tensorboard"]
+    torch.save(state, log / "last.pt")
+    saved, _ = entry.resume_point(entry.parse_args("MELD", DEFAULTS["MELD"], [*argv, "--tensorboard"]),
+                                  entry.given_flags("MELD", DEFAULTS["MELD"], [*argv, "--tensorboard"]))
+    assert (saved.tensorboard, saved.epochs, saved.batch_size) == (True, 2, 4)
 
 
 def test_given_flags_are_those_on_the_command_line_whatever_their_values():

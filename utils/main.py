@@ -195,7 +195,8 @@ def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
     state = read_checkpoint(last)
     if not all(key in state for key in RESUME_FIELDS):
         raise UserError(f"--resume: {last} is not a last.pt written by this project's training")
-    saved = dict(state["args"])
+    # Flags newer than the run (absent from its saved ones) take this command line's values.
+    saved = {**vars(args), **state["args"]}
     changed = sorted(name for name in given - set(RESUME_MAY_CHANGE) - {"log_dir", "resume"}
                      if getattr(args, name) != saved.get(name))
     if changed:
