@@ -153,11 +153,13 @@ def data_files(dataset: str, data_dir: str | Path) -> tuple[Path, Path]:
     paths = (folder / info.feature_file, folder / info.roberta_file)
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
+        # The generator's command only where it cannot meet a real file of the pair.
+        hint = (f"to generate synthetic ones run: python -m dataloader.synthetic --Dataset {info.name} --out {data_dir}"
+                if len(missing) == len(paths) else "put the missing file beside the other one")
         raise DataError(
             f"{info.name} data not found: missing {' and '.join(missing)} (expected "
             f"{info.folder}/{info.feature_file} and {info.folder}/{info.roberta_file} under "
-            f"{data_dir}); to generate synthetic ones run: python -m dataloader.synthetic "
-            f"--Dataset {info.name} --out {data_dir}")
+            f"{data_dir}); {hint}")
     return paths
 
 

@@ -32,6 +32,7 @@ order, pickle protocol 4.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import pickle
@@ -117,8 +118,12 @@ class _Layout:
     dev_ids: list
 
 
-def generate(dataset: str, out_dir: str | Path, scale: float = 1.0, seed: int = 0) -> Path:
-    """Write both pickles of `dataset` under out_dir/<Dataset>_features/; return that folder."""
+def generate(dataset: str, out_dir: str | Path, scale: float = 1.0, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write both pickles of `dataset` under out_dir/<Dataset>_features/; return that folder.
+
+    Files already there are replaced only when they hold the same bytes (a rerun of the same
+    command) or with `overwrite`: the folder may hold real features.
+    """
     if dataset not in RECIPES:
         raise DataError(f"unknown dataset {dataset!r}: expected one of {', '.join(RECIPES)}")
     if not scale > 0:
@@ -133,8 +138,17 @@ def generate(dataset: str, out_dir: str | Path, scale: float = 1.0, seed: int = 
         feature_tuple, roberta_tuple = _iemocap_tuples(layout, features)
     else:
         feature_tuple, roberta_tuple = _meld_tuples(layout, features, rng)
-    _dump(feature_tuple, folder / info.feature_file)
-    _dump(roberta_tuple, folder / info.roberta_file)
+    written = {folder / info.feature_file: _dump(feature_tuple, folder / info.feature_file),
+               folder / info.roberta_file: _dump(roberta_tuple, folder / info.roberta_file)}
+    kept = [path for path, tmp in written.items()
+            if not overwrite and path.exists() and not filecmp.cmp(tmp, path, shallow=False)]
+    if kept:
+        for tmp in written.values():
+            tmp.unlink()
+        raise DataError(f"{' and '.join(map(str, kept))} already there with other contents (real features?); "
+                        f"nothing written: pass --overwrite to replace them, or give another --out")
+    for path, tmp in written.items():   # every file renamed only once both are written
+        os.replace(tmp, path)
     return folder
 
 
@@ -352,12 +366,13 @@ def _sentences(layout: _Layout) -> dict:
             for vid, lab in zip(layout.ids, layout.labels)}
 
 
-def _dump(value: tuple, path: Path) -> None:
-    """Pickle atomically, so an interrupted run never leaves a truncated file behind."""
+def _dump(value: tuple, path: Path) -> Path:
+    """Pickle into a temp file beside `path` (renamed by the caller: an interrupted run never
+    leaves a truncated file behind); returns the temp file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         pickle.dump(value, f, protocol=PICKLE_PROTOCOL)
-    os.replace(tmp, path)
+    return tmp
 
 
 # ---------------------------------------------------------------- modality-imbalance probe
@@ -404,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the real dialogue counts (default 1: real size)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace pickles already in --out even when they differ (they may be real features)")
     parser.add_argument("--probe", action="store_true",
                         help="instead of generating, score per-modality logistic regressions "
                              "on the data in --data-dir")
@@ -428,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.seed < 0:
             parser.error(f"--seed must be non-negative, got {args.seed}")
         start = time.perf_counter()
-        folder = generate(args.Dataset, args.out, scale=args.scale, seed=args.seed)
+        folder = generate(args.Dataset, args.out, scale=args.scale, seed=args.seed, overwrite=args.overwrite)
         print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
         return 0
     except (DataError, OSError) as exc:

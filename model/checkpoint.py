@@ -30,9 +30,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint (neither torch.save's zip "
+                              f"format nor a pickle)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a non-torch file, a pickle of arbitrary objects
+    except Exception as e:  # a truncated file, a pickle of arbitrary objects
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path}: cannot be read ({first})") from None
     if isinstance(payload, dict) and "model" in payload and isinstance(payload["model"], dict):
@@ -41,6 +44,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         state = {k.removeprefix("module."): v for k, v in payload.items()}   # also DataParallel saves
         return {"model": state}
     raise CheckpointError(f"checkpoint {path}: neither a state_dict nor a checkpoint of this project")
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a pickle, whose
+    first byte is the PROTO opcode 0x80."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
 
 
 def _flags_of_state(state: dict[str, torch.Tensor]) -> dict[str, str]:

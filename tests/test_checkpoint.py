@@ -215,6 +215,15 @@ def test_unreadable_checkpoint(tmp_path, kind):
         read_checkpoint(path)
     assert str(path) in str(err.value)
     assert isinstance(err.value, UserError)
+    if kind == "garbage":
+        assert str(err.value).endswith("not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
+
+
+def test_a_text_file_given_as_checkpoint_is_named_as_such(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0}\n')
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl: not a PyTorch checkpoint"):
+        read_checkpoint(path)
 
 
 # =========================================================================== atomic writes
@@ -225,6 +234,14 @@ def test_save_atomic_replaces_and_leaves_no_temp_files(tmp_path):
     save_atomic({"step": torch.tensor(2)}, path)
     assert os.listdir(tmp_path) == ["last.pt"]
     assert torch.load(path, weights_only=True)["step"].item() == 2
+    # readable as any new file is (the umask decides), not only by its owner
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    # what a killed save left behind is replaced by the next one
+    (tmp_path / ".last.pt.tmp").write_bytes(b"half a checkpoint")
+    save_atomic({"step": torch.tensor(2)}, path)
+    assert os.listdir(tmp_path) == ["last.pt"]
     # a failing save keeps the previous file intact and cleans up its temp file
     with pytest.raises(Exception):
         save_atomic({"step": torch.tensor(3), "bad": lambda: None}, path)

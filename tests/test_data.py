@@ -326,14 +326,19 @@ def test_bad_meld_speaker_vector(meld_dir, tmp_path):
         load_conversations("MELD", tmp_path)
 
 
-def test_missing_file_says_how_to_generate(tiny_iemocap, tmp_path):
-    _, roberta_path = _copy(tiny_iemocap, tmp_path, "IEMOCAP")
+def test_missing_files_say_how_to_generate_only_when_both_are_missing(tiny_iemocap, tmp_path):
+    feature_path, roberta_path = _copy(tiny_iemocap, tmp_path, "IEMOCAP")
     roberta_path.unlink()
     with pytest.raises(DataError) as info:
         load_conversations("IEMOCAP", tmp_path)
     message = str(info.value)
     assert str(roberta_path) in message and "iemocap_features_roberta.pkl" in message
-    assert f"python -m dataloader.synthetic --Dataset IEMOCAP --out {tmp_path}" in message
+    # The other file may be real: no command that would write over it.
+    assert "dataloader.synthetic" not in message and message.endswith("put the missing file beside the other one")
+    feature_path.unlink()
+    with pytest.raises(DataError) as info:
+        load_conversations("IEMOCAP", tmp_path)
+    assert str(info.value).endswith(f"python -m dataloader.synthetic --Dataset IEMOCAP --out {tmp_path}")
 
 
 def test_unreadable_pickle(tiny_iemocap, tmp_path):

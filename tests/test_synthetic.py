@@ -11,7 +11,7 @@ import pytest
 
 from dataloader import __main__ as summary_cli
 from dataloader import load_conversations, synthetic
-from dataloader.datasets import DATASETS
+from dataloader.datasets import DATASETS, DataError
 from dataloader.synthetic import RECIPES, _layout, generate, probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +32,16 @@ def test_same_seed_same_bytes(tmp_path):
     c = generate("IEMOCAP", tmp_path / "c", scale=0.02, seed=6)
     assert _files(a) == _files(b)
     assert all(x != y for x, y in zip(_files(a).values(), _files(c).values()))
+
+
+def test_existing_other_data_is_kept_unless_overwrite(tmp_path):
+    folder = generate("IEMOCAP", tmp_path, scale=0.02, seed=5)
+    before = _files(folder)
+    assert _files(generate("IEMOCAP", tmp_path, scale=0.02, seed=5)) == before   # a rerun: same bytes, fine
+    with pytest.raises(DataError, match="already there with other contents .*pass --overwrite"):
+        generate("IEMOCAP", tmp_path, scale=0.02, seed=6)
+    assert _files(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(before)
+    assert _files(generate("IEMOCAP", tmp_path, scale=0.02, seed=6, overwrite=True)) != before
 
 
 def test_cli_writes_the_same_bytes_in_another_process(tmp_path):

@@ -213,6 +213,10 @@ def test_raw_state_dict_with_m3net_extra_keys_is_tested(capsys, tmp_path, meld_d
     (["--seed", str(2**32)], "[0, 2^32)"),
     (["--num-workers", "-1"], "--num-workers -1"),
     (["--modulation_starts", "10", "--modulation_ends", "5"], "OGM would never run"),
+    (["--pareto-gamma", "nan"], "--pareto-gamma nan: give a non-negative number"),
+    (["--alpha_", "-1"], "--alpha_ -1.0: give a non-negative number"),
+    (["--lr_decay_ratio", "inf"], "--lr_decay_ratio inf: give a non-negative number"),
+    (["--dropout", "1"], "--dropout 1.0: give a probability in [0, 1)"),
 ])
 def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, meld_dir, argv, message):
     if "--data-dir" not in argv:
@@ -310,6 +314,7 @@ def test_resume_without_the_starting_checkpoint_and_after_a_lost_epoch(capsys, t
     assert "changes lr (0.0001 -> 0.5): only epochs, no_cuda, num_workers, data_dir may change" in err
     status, out, err = run_main(capsys, [*common, "--resume", "--epochs", "2"])   # the same flags again
     assert status == 0, err
+    assert f"resumed from {log / 'last.pt'} after epoch 1/2 (epoch 0 in metrics.jsonl)" in out
     records = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and "lost" not in records[1]
     # A run saved before a flag existed: the flag takes this command line's value.
@@ -409,10 +414,45 @@ def test_new_run_refuses_a_log_dir_holding_a_run(capsys, tmp_path, meld_dir):
     log = tmp_path / "old"
     log.mkdir()
     (log / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    # Killed before its first last.pt: neither a new run nor --resume can use the folder, and both say so.
+    nothing = (f"error: --log-dir {log} holds a run that stopped before it saved its first last.pt: there is "
+               f"nothing to resume; remove that folder or pick another")
+    for extra in ([], ["--resume"]):
+        status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, *extra])
+        assert (status, err.strip()) == (2, nothing)
+    (log / "last.pt").write_bytes(b"")
     status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST])
     assert status == 2
     assert "already holds a run" in err and "--resume" in err
     assert (log / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
+
+
+def test_a_log_dir_in_use_by_a_running_run_is_refused(capsys, tmp_path, meld_dir):
+    running = RunLog(tmp_path / "busy")
+    status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(tmp_path / "busy"), *FAST,
+                                       "--epochs", "1"])
+    assert (status, err.strip()) == (2, f"error: --log-dir {tmp_path / 'busy'} is in use by another run that is "
+                                        f"still going: wait for it to end, or pick another folder")
+    assert not (tmp_path / "busy" / "metrics.jsonl").exists()
+    running.close()
+    RunLog(tmp_path / "busy").close()             # free again once the first one ends
+
+
+def test_checkpoint_of_the_other_dataset_names_its_script(capsys, tmp_path, meld_dir):
+    _own_checkpoint(meld_dir, tmp_path / "best.pt", Dataset="IEMOCAP")
+    status, _, err = run_main(capsys, ["--testing", "--checkpoint", str(tmp_path / "best.pt"), "--data-dir",
+                                       str(meld_dir), "--log-dir", str(tmp_path / "t"), *FAST])
+    assert (status, err.strip()) == (2, f"error: checkpoint {tmp_path / 'best.pt'} was trained on IEMOCAP: use "
+                                        f"run/train_OGM_Shapley_MMPareto_IEMOCAP.py with IEMOCAP data")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(entry, "train", interrupted)
+    status, _, err = run_main(capsys, [])
+    assert status == 130
+    assert err.startswith("interrupted (") and len(err.strip().splitlines()) == 1
 
 
 def test_run_scripts_defaults_are_the_readme_settings():

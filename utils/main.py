@@ -42,6 +42,10 @@ def main(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = No
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted (a training run keeps its last finished epoch in <log dir>/last.pt: continue it "
+              "with --resume --log-dir <log dir>)", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------------- set-up
@@ -89,6 +93,10 @@ def load_weights(model: M3Net, path: str, args: argparse.Namespace) -> str:
     flags they were trained with: a different architecture flag is an error, not a quiet change
     of predictions."""
     checkpoint = read_checkpoint(path)
+    trained_on = checkpoint.get("args", {}).get("Dataset", args.Dataset)
+    if trained_on != args.Dataset:
+        raise UserError(f"checkpoint {path} was trained on {trained_on}: use "
+                        f"run/train_OGM_Shapley_MMPareto_{trained_on}.py with {trained_on} data")
     theirs, ours = architecture_differences(checkpoint.get("args", {}), args)
     if theirs:
         raise UserError(f"checkpoint {path} was trained with {' '.join(theirs)}, this run has "
@@ -159,6 +167,8 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     if args.resume:
         args, resume_from = resume_point(args, given)
     elif args.log_dir and (Path(args.log_dir) / METRICS_FILE).exists():
+        if not (Path(args.log_dir) / "last.pt").is_file():
+            raise UserError(_NOTHING_TO_RESUME.format(args.log_dir))
         raise UserError(f"--log-dir {args.log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
     splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in loaders.items())
@@ -178,6 +188,9 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
         log.close()
 
 
+_NOTHING_TO_RESUME = ("--log-dir {} holds a run that stopped before it saved its first last.pt: there is nothing "
+                      "to resume; remove that folder or pick another")
+
 # What a resumed run may change: where things are and how long it goes on.
 RESUME_MAY_CHANGE = ("epochs", "no_cuda", "num_workers", "data_dir")
 RESUME_FIELDS = ("model", "optimizer", "scheduler", "epoch", "args", "best")
@@ -191,6 +204,8 @@ def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
     """
     last = Path(args.log_dir) / "last.pt"
     if not last.is_file():
+        if (Path(args.log_dir) / METRICS_FILE).exists():
+            raise UserError(_NOTHING_TO_RESUME.format(args.log_dir))
         raise UserError(f"--resume: {last} does not exist")
     state = read_checkpoint(last)
     if not all(key in state for key in RESUME_FIELDS):
@@ -210,6 +225,14 @@ def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
 
 def test(args: argparse.Namespace) -> None:
     data, loaders, model, loss_mm, device, log = setup(args)
+    try:
+        _test(args, loaders, model, loss_mm, device, log)
+    finally:
+        log.close()
+
+
+def _test(args: argparse.Namespace, loaders: dict, model: M3Net, loss_mm: torch.nn.Module, device: torch.device,
+          log: RunLog) -> None:
     result = evaluate(model, loaders["test"], loss_mm, device, args.Dataset)
     metrics = {k: result[k] for k in ("acc", "weighted_f1", "macro_f1", "micro_f1")}
     metrics["n_utterances"] = int(result["labels"].size)
@@ -218,4 +241,3 @@ def test(args: argparse.Namespace) -> None:
     log.line(f"test: acc {metrics['acc']:.2f} weighted F1 {metrics['weighted_f1']:.2f} macro F1 "
              f"{metrics['macro_f1']:.2f} micro F1 {metrics['micro_f1']:.2f} on {metrics['n_utterances']} "
              f"utterances; written to {log.dir / 'test_metrics.json'}")
-    log.close()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,21 +10,26 @@ from typing import Any
 
 from utils.errors import UserError
 
+try:
+    import fcntl
+except ImportError:          # Windows: there a second run in the same folder is not refused
+    fcntl = None
+
 METRICS_FILE = "metrics.jsonl"   # one JSON record per epoch
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temp file beside `path` to write; renamed onto `path` when the block ends, removed if it
-    raises: a crash never leaves half a file."""
+    raises: a crash never leaves half a file. One fixed temp name per file, so what a killed
+    process left behind is replaced by the next save rather than piling up."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -44,6 +48,7 @@ class RunLog:
     def __init__(self, log_dir: Path, tensorboard: bool = False, fresh: bool = False):
         summary_writer = _summary_writer_class() if tensorboard else None
         self.dir = _make_dir(log_dir, fresh)
+        self._lock = _lock_dir(self.dir)
         self._text = open(self.dir / "train.log", "a", buffering=1)
         self._writer = summary_writer(str(self.dir)) if summary_writer else None
 
@@ -76,6 +81,7 @@ class RunLog:
 
     def close(self) -> None:
         self._text.close()
+        self._lock.close()
         if self._writer is not None:
             self._writer.close()
 
@@ -101,6 +107,20 @@ def _make_dir(path: Path, fresh: bool) -> Path:
             candidate = path.with_name(f"{path.name}-{n}")
         except OSError as e:
             raise UserError(f"--log-dir {candidate}: cannot create it ({e.strerror})") from None
+
+
+def _lock_dir(folder: Path):
+    """Hold an exclusive lock on folder/.lock while the run lives (the OS drops it when the process
+    ends, however it ends): a second run writing into the same folder is refused."""
+    handle = open(folder / ".lock", "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise UserError(f"--log-dir {folder} is in use by another run that is still going: "
+                            f"wait for it to end, or pick another folder") from None
+    return handle
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -157,7 +157,8 @@ class Trainer:
         self.best = state["best"]
         self.start_epoch = state["epoch"] + 1
         self.log.drop_epochs_after(state["epoch"])
-        self.log.line(f"resumed from {path} after epoch {state['epoch']}")
+        self.log.line(f"resumed from {path} after epoch {state['epoch'] + 1}/{self.args.epochs} "
+                      f"(epoch {state['epoch']} in {METRICS_FILE})")
 
     def summary(self) -> dict[str, Any]:
         best = self.best
