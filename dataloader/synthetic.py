@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
-import os
 import pickle
 import sys
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import OneLineParser
+from utils.runlog import atomic_path
 
 from .datasets import DATASETS, TEXT_DIM, VISUAL_DIM, DataError, DatasetInfo, load_conversations
 
@@ -138,17 +138,16 @@ def generate(dataset: str, out_dir: str | Path, scale: float = 1.0, seed: int = 
         feature_tuple, roberta_tuple = _iemocap_tuples(layout, features)
     else:
         feature_tuple, roberta_tuple = _meld_tuples(layout, features, rng)
-    written = {folder / info.feature_file: _dump(feature_tuple, folder / info.feature_file),
-               folder / info.roberta_file: _dump(roberta_tuple, folder / info.roberta_file)}
-    kept = [path for path, tmp in written.items()
-            if not overwrite and path.exists() and not filecmp.cmp(tmp, path, shallow=False)]
-    if kept:
-        for tmp in written.values():
-            tmp.unlink()
-        raise DataError(f"{' and '.join(map(str, kept))} already there with other contents (real features?); "
-                        f"nothing written: pass --overwrite to replace them, or give another --out")
-    for path, tmp in written.items():   # every file renamed only once both are written
-        os.replace(tmp, path)
+    feature_path, roberta_path = folder / info.feature_file, folder / info.roberta_file
+    # Renamed together when the block ends; a raise inside removes both temp files.
+    with atomic_path(feature_path) as feature_tmp, atomic_path(roberta_path) as roberta_tmp:
+        _dump(feature_tuple, feature_tmp)
+        _dump(roberta_tuple, roberta_tmp)
+        kept = [path for path, tmp in ((feature_path, feature_tmp), (roberta_path, roberta_tmp))
+                if not overwrite and path.exists() and not filecmp.cmp(tmp, path, shallow=False)]
+        if kept:
+            raise DataError(f"{' and '.join(map(str, kept))} already there with other contents (real features?); "
+                            f"nothing written: pass --overwrite to replace them, or give another --out")
     return folder
 
 
@@ -366,13 +365,9 @@ def _sentences(layout: _Layout) -> dict:
             for vid, lab in zip(layout.ids, layout.labels)}
 
 
-def _dump(value: tuple, path: Path) -> Path:
-    """Pickle into a temp file beside `path` (renamed by the caller: an interrupted run never
-    leaves a truncated file behind); returns the temp file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+def _dump(value: tuple, path: Path) -> None:
+    with open(path, "wb") as f:
         pickle.dump(value, f, protocol=PICKLE_PROTOCOL)
-    return tmp
 
 
 # ---------------------------------------------------------------- modality-imbalance probe

@@ -130,9 +130,10 @@ def check_args(args: argparse.Namespace, dataset: str) -> None:
     for name in ("num_L", "num_K", "lr_decay_step"):
         if getattr(args, name) < (1 if name == "lr_decay_step" else 0):
             raise UserError(f"--{name} {getattr(args, name)} is out of range")
-    for name in ("lr", "l2", "alpha_", "pareto_gamma", "lr_decay_ratio"):
-        if not 0.0 <= getattr(args, name) < float("inf"):
-            raise UserError(f"--{name.replace('_gamma', '-gamma')} {getattr(args, name)}: give a non-negative number")
+    for flag in ("--lr", "--l2", "--alpha_", "--pareto-gamma", "--lr_decay_ratio"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not 0.0 <= value < float("inf"):
+            raise UserError(f"{flag} {value}: give a non-negative number")
     if not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout {args.dropout}: give a probability in [0, 1)")
     if not 0 <= args.seed < 2**32:

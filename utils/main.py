@@ -93,11 +93,12 @@ def load_weights(model: M3Net, path: str, args: argparse.Namespace) -> str:
     flags they were trained with: a different architecture flag is an error, not a quiet change
     of predictions."""
     checkpoint = read_checkpoint(path)
-    trained_on = checkpoint.get("args", {}).get("Dataset", args.Dataset)
+    saved_flags = checkpoint.get("args", {})       # none in a raw M3Net state_dict
+    trained_on = saved_flags.get("Dataset", args.Dataset)
     if trained_on != args.Dataset:
         raise UserError(f"checkpoint {path} was trained on {trained_on}: use "
                         f"run/train_OGM_Shapley_MMPareto_{trained_on}.py with {trained_on} data")
-    theirs, ours = architecture_differences(checkpoint.get("args", {}), args)
+    theirs, ours = architecture_differences(saved_flags, args)
     if theirs:
         raise UserError(f"checkpoint {path} was trained with {' '.join(theirs)}, this run has "
                         f"{' '.join(ours)}: give the checkpoint's flags")
@@ -164,12 +165,14 @@ def setup(args: argparse.Namespace) -> tuple[Conversations, dict, M3Net, torch.n
 def train(args: argparse.Namespace, given: set[str]) -> None:
     """Train; with --resume, `given` holds the flags on the command line (see resume_point)."""
     resume_from = None
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    if log_dir and (log_dir / METRICS_FILE).exists() and not (log_dir / "last.pt").is_file():
+        raise UserError(f"--log-dir {log_dir} holds a run that stopped before it saved its first last.pt: there is "
+                        f"nothing to resume; remove that folder or pick another")
     if args.resume:
         args, resume_from = resume_point(args, given)
-    elif args.log_dir and (Path(args.log_dir) / METRICS_FILE).exists():
-        if not (Path(args.log_dir) / "last.pt").is_file():
-            raise UserError(_NOTHING_TO_RESUME.format(args.log_dir))
-        raise UserError(f"--log-dir {args.log_dir} already holds a run: add --resume to continue it, or pick another folder")
+    elif log_dir and (log_dir / METRICS_FILE).exists():
+        raise UserError(f"--log-dir {log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
     splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in loaders.items())
     log.line(f"{args.Dataset}: {splits}; on {device}; log dir {log.dir}")
@@ -180,16 +183,11 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
                            alpha=args.alpha_, pareto_gamma=args.pareto_gamma)
     step = DGSStep(model, optimizer, loss_mm, settings)
     trainer = Trainer(args, model, step, scheduler, loaders, loss_mm, device, log, list(data.class_names))
-    if resume_from is not None:
-        trainer.resume(resume_from, log.dir / "last.pt")
-    try:
+    with log:
+        if resume_from is not None:
+            trainer.resume(resume_from, log.dir / "last.pt")
         trainer.fit()
-    finally:
-        log.close()
 
-
-_NOTHING_TO_RESUME = ("--log-dir {} holds a run that stopped before it saved its first last.pt: there is nothing "
-                      "to resume; remove that folder or pick another")
 
 # What a resumed run may change: where things are and how long it goes on.
 RESUME_MAY_CHANGE = ("epochs", "no_cuda", "num_workers", "data_dir")
@@ -204,8 +202,6 @@ def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
     """
     last = Path(args.log_dir) / "last.pt"
     if not last.is_file():
-        if (Path(args.log_dir) / METRICS_FILE).exists():
-            raise UserError(_NOTHING_TO_RESUME.format(args.log_dir))
         raise UserError(f"--resume: {last} does not exist")
     state = read_checkpoint(last)
     if not all(key in state for key in RESUME_FIELDS):
@@ -213,10 +209,10 @@ def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
     # Flags newer than the run (absent from its saved ones) take this command line's values.
     saved = {**vars(args), **state["args"]}
     changed = sorted(name for name in given - set(RESUME_MAY_CHANGE) - {"log_dir", "resume"}
-                     if getattr(args, name) != saved.get(name))
+                     if getattr(args, name) != saved[name])
     if changed:
         raise UserError(f"--resume continues {last} with its saved flags, and this command line changes "
-                        f"{', '.join(f'{n} ({saved.get(n)!r} -> {getattr(args, n)!r})' for n in changed)}: "
+                        f"{', '.join(f'{n} ({saved[n]!r} -> {getattr(args, n)!r})' for n in changed)}: "
                         f"only {', '.join(RESUME_MAY_CHANGE)} may change")
     saved.update({name: getattr(args, name) for name in given & set(RESUME_MAY_CHANGE)})
     saved.update(log_dir=args.log_dir, resume=True, checkpoint=None)   # the starting weights are in last.pt now
@@ -225,19 +221,12 @@ def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
 
 def test(args: argparse.Namespace) -> None:
     data, loaders, model, loss_mm, device, log = setup(args)
-    try:
-        _test(args, loaders, model, loss_mm, device, log)
-    finally:
-        log.close()
-
-
-def _test(args: argparse.Namespace, loaders: dict, model: M3Net, loss_mm: torch.nn.Module, device: torch.device,
-          log: RunLog) -> None:
-    result = evaluate(model, loaders["test"], loss_mm, device, args.Dataset)
-    metrics = {k: result[k] for k in ("acc", "weighted_f1", "macro_f1", "micro_f1")}
-    metrics["n_utterances"] = int(result["labels"].size)
-    metrics["predictions"] = result["preds"].astype(int).tolist()
-    write_json(log.dir / "test_metrics.json", metrics)
-    log.line(f"test: acc {metrics['acc']:.2f} weighted F1 {metrics['weighted_f1']:.2f} macro F1 "
-             f"{metrics['macro_f1']:.2f} micro F1 {metrics['micro_f1']:.2f} on {metrics['n_utterances']} "
-             f"utterances; written to {log.dir / 'test_metrics.json'}")
+    with log:
+        result = evaluate(model, loaders["test"], loss_mm, device, args.Dataset)
+        metrics = {k: result[k] for k in ("acc", "weighted_f1", "macro_f1", "micro_f1")}
+        metrics["n_utterances"] = int(result["labels"].size)
+        metrics["predictions"] = result["preds"].astype(int).tolist()
+        write_json(log.dir / "test_metrics.json", metrics)
+        log.line(f"test: acc {metrics['acc']:.2f} weighted F1 {metrics['weighted_f1']:.2f} macro F1 "
+                 f"{metrics['macro_f1']:.2f} micro F1 {metrics['micro_f1']:.2f} on {metrics['n_utterances']} "
+                 f"utterances; written to {log.dir / 'test_metrics.json'}")

@@ -79,6 +79,12 @@ class RunLog:
             with atomic_path(self.metrics_path) as tmp:
                 tmp.write_text("".join(kept))
 
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def close(self) -> None:
         self._text.close()
         self._lock.close()
