@@ -1,5 +1,7 @@
 """Time of the gradient shaping alone (MMPareto + OGM-GE on every encoder group), at M3Net's real
-parameter sizes, and of its noise draw against a plain `torch.randn`.
+parameter sizes: as a training step runs it (on the CPU, `utils/shaping.py`'s per_tensor
+implementation), the flat implementation (the GPU's) on the same device, and the text group's
+noise draw against a plain `torch.randn`.
 
     python benchmarks/bench_shaping.py [--Dataset IEMOCAP MELD] [--device cpu cuda] [--repeats 25]
 
@@ -25,6 +27,7 @@ from model.m3net import M3Net, ModelConfig  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
 from utils.dgs import DGSSettings, DGSStep, make_optimizer  # noqa: E402
 from utils.noise import standard_normal_like  # noqa: E402
+from utils.shaping import shape_group_flat  # noqa: E402
 
 
 def timed_ms(fn, device: torch.device, repeats: int) -> tuple[float, float]:
@@ -52,7 +55,14 @@ def bench(dataset: str, device: torch.device, repeats: int) -> dict:
     coeff = torch.tensor([0.6, 1.0, 1.0][: len(step.modalities)], device=device)
     text = torch.empty(sum(step.group_sizes["l"]), device=device)
     row = {"dataset": dataset, "device": str(device), "encoder_params": sum(map(sum, step.group_sizes.values()))}
+
+    def flat_shaping() -> None:
+        for i, m in enumerate(step.modalities):
+            group = step.groups[m]
+            shape_group_flat([g_mm[id(p)] for p in group], [g_uni[id(p)] for p in group], coeff[i], True, 1.0)
+
     for name, fn in (("shaping_ms", lambda: step.shape(dict(g_mm), g_uni, coeff)),
+                     ("flat_shaping_ms", flat_shaping),
                      ("text_noise_ms", lambda: standard_normal_like(text)),
                      ("text_randn_ms", lambda: torch.randn_like(text))):
         row[name] = timed_ms(fn, device, repeats)
@@ -66,12 +76,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=25)
     args = p.parse_args()
     keep_freed_memory()
-    print(f"{'dataset':8} {'device':6} {'encoder params':>14}  {'shaping ms':>16}  {'noise ms':>14}  "
-          f"{'torch.randn ms':>14}   (fastest / median of {args.repeats})")
+    keys = ("shaping_ms", "flat_shaping_ms", "text_noise_ms", "text_randn_ms")
+    print(f"{'dataset':8} {'device':6} {'encoder params':>14}  {'shaping ms':>16}  {'flat shaping ms':>16}  "
+          f"{'text noise ms':>16}  {'torch.randn ms':>16}   (fastest / median of {args.repeats})")
     for dataset in args.Dataset:
         for device in args.device:
             r = bench(dataset, torch.device(device), args.repeats)
-            cells = "  ".join(f"{r[k][0]:7.1f} / {r[k][1]:6.1f}" for k in ("shaping_ms", "text_noise_ms", "text_randn_ms"))
+            cells = "  ".join(f"{r[k][0]:7.1f} / {r[k][1]:6.1f}" for k in keys)
             print(f"{dataset:8} {device:6} {r['encoder_params']:14,d}  {cells}", flush=True)
 
 

@@ -14,6 +14,7 @@ from utils import main as entry
 from utils.dgs import DGSSettings, DGSStep
 from utils.modulation import modulate
 from utils.segments import scale_segments_, segment_stds
+from utils.shaping import shape_group
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -58,6 +59,20 @@ def test_per_tensor_operations_on_cuda_match_the_cpu():
     for i in (0, 3):                 # each tensor's noise has its std; a one-element tensor gets none
         assert parts[i].std().item() == pytest.approx(originals[i].std().item(), rel=0.05)
     assert parts[1].item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_group_shaping_on_cuda_matches_the_cpu():
+    # shape_group is flat on the GPU and per_tensor on the CPU (utils/shaping.py): no noise here.
+    torch.manual_seed(0)
+    sizes = [300000, 1, 4000]
+    g_mm = [torch.randn(n) for n in sizes]
+    g_uni = [torch.randn(n) - 0.5 * g for n, g in zip(sizes, g_mm)]
+    cpu, cpu_cos = shape_group(g_mm, g_uni, torch.tensor(0.3), False, 0.8)
+    gpu, gpu_cos = shape_group([g.to(CUDA) for g in g_mm], [g.to(CUDA) for g in g_uni],
+                               torch.tensor(0.3, device=CUDA), False, 0.8)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-6)
+    assert gpu_cos.item() == pytest.approx(cpu_cos.item(), abs=1e-5)
 
 
 def test_forward_on_cuda_matches_the_cpu(iemocap_dir):

@@ -10,6 +10,7 @@ from utils.modulation import modulate, ogm_coefficients
 from utils.noise import CHUNK, standard_normal_like
 from utils.pareto import cosine, min_norm_weight, pareto_combine
 from utils.segments import _scale_segments_batched_, scale_segments_, segment_norms, segment_stds
+from utils.shaping import shape_group_per_tensor, shape_group_flat
 from utils.shapley import coalition_masks, shapley_matrix, shapley_values, true_label_probs
 
 CPU = torch.device("cpu")
@@ -174,6 +175,53 @@ def test_segment_operations_by_hand():
     expected = [2.0, 4.0, 6.0, -5.0, 1.5, 2.0]
     assert scale_segments_(flat.clone(), sizes, factors).tolist() == expected
     assert _scale_segments_batched_(flat.clone(), sizes, factors).tolist() == expected
+
+
+# ------------------------------------------------------------------ a group's shaping, flat (GPU) and per tensor (CPU)
+def _group_gradients():
+    """Tensors larger than a noise chunk, a one-element one, a tiny-scale one, an all-zero one;
+    unimodal gradients partly opposed to the multimodal ones."""
+    torch.manual_seed(6)
+    shapes = [(3, CHUNK + 5), (1,), (50, 100), (12, CHUNK), (7,)]           # (12, CHUNK): 1.5M, the largest M3Net tensor
+    g_mm = [torch.randn(s) * sc for s, sc in zip(shapes, (1.0, 2.0, 0.01, 3.0, 0.0))]
+    g_uni = [torch.randn(s) * sc - 0.3 * g for s, sc, g in zip(shapes, (0.5, 1.0, 0.02, 1.0, 0.0), g_mm)]
+    return g_mm, g_uni
+
+
+@pytest.mark.parametrize("pareto,modulation", [(True, "Normal"), (True, "OGM"), (True, "OGM_GE"),
+                                               (False, "OGM"), (False, "OGM_GE")])
+def test_per_tensor_shaping_equals_the_flat_one_noise_included(pareto, modulation):
+    g_mm, g_uni = _group_gradients()
+    kwargs = dict(g_uni=g_uni if pareto else None, coeff=None if modulation == "Normal" else torch.tensor(0.4),
+                  gaussian_noise=modulation == "OGM_GE", gamma=0.7)
+    torch.manual_seed(5)
+    flat, flat_cos = shape_group_flat(g_mm, **kwargs)
+    torch.manual_seed(5)                           # the same noise, draw for draw
+    per_tensor, per_tensor_cos = shape_group_per_tensor(g_mm, **kwargs)
+    assert per_tensor.shape == flat.shape == (sum(g.numel() for g in g_mm),) and per_tensor.dtype == torch.float32
+    for f, t in zip(flat.split([g.numel() for g in g_mm]), per_tensor.split([g.numel() for g in g_mm])):
+        assert torch.allclose(t, f, rtol=0, atol=5e-6 * f.abs().max().item()), (f - t).abs().max()
+    assert per_tensor[-7:].tolist() == [0.0] * 7              # zero gradients stay zero, noise included
+    if pareto:
+        assert per_tensor_cos.dtype == torch.float32 and per_tensor_cos.item() == pytest.approx(flat_cos.item(), abs=1e-6)
+        assert flat_cos.item() < 0                          # the min-norm branch was exercised
+    else:
+        assert per_tensor_cos is None and flat_cos is None
+
+
+def test_per_tensor_shaping_by_hand():
+    # The conflicting-gradients case of test_pareto_conflicting_..., then OGM-GE's noise std per tensor.
+    g_mm, g_uni = [torch.tensor([1.0, 0.0]), torch.tensor([2.0])], [torch.tensor([-1.0, 1.0]), torch.tensor([-1.0])]
+    merged, cos = shape_group_per_tensor(g_mm, g_uni, None, False, 1.0)
+    assert cos.item() == pytest.approx(-3 / (math.sqrt(5) * math.sqrt(3)))
+    k1 = 6 / 14
+    n0 = 2 * (k1 * g_mm[0] + (1 - k1) * g_uni[0])                        # plain sum [0, 1]: ‖·‖ 1 < ‖n0‖
+    assert merged.tolist() == pytest.approx(n0.tolist() + [1.0], rel=1e-6)
+    torch.manual_seed(0)
+    g = [torch.randn(40000) * 3.0, torch.randn(30000) * 0.1]
+    noisy, _ = shape_group_per_tensor(g, None, torch.tensor(0.5), True, 1.0)
+    for part, original in zip((noisy - 0.5 * torch.cat(g)).split([40000, 30000]), g):
+        assert part.std().item() == pytest.approx(original.std().item(), rel=0.03)
 
 
 # ------------------------------------------------------------------ noise

@@ -21,8 +21,8 @@ from torch.profiler import record_function
 from dataloader.batch import Batch
 from model.m3net import M3Net, ModelOutput
 from utils.losses import unimodal_losses
-from utils.modulation import modulate, ogm_coefficients
-from utils.pareto import pareto_combine
+from utils.modulation import ogm_coefficients
+from utils.shaping import shape_group
 from utils.shapley import coalition_masks, shapley_values, true_label_probs
 
 
@@ -116,15 +116,12 @@ class DGSStep:
         group's gradient in `grads` (replaced there); returns the groups' MMPareto cosines."""
         s, cosines = self.settings, []
         for i, m in enumerate(self.modalities if g_uni is not None or coeff is not None else ()):
-            # One flat vector per group: the shaping is a few flat operations, not a loop over tensors.
-            group, sizes = self.groups[m], self.group_sizes[m]
-            flat = _flat(grads, group)
-            if g_uni is not None:
-                flat, cos = pareto_combine(flat, _flat(g_uni, group), sizes, s.pareto_gamma)
+            group = self.groups[m]
+            flat, cos = shape_group(_grads_of(grads, group), None if g_uni is None else _grads_of(g_uni, group),
+                                    None if coeff is None else coeff[i], s.modulation == "OGM_GE", s.pareto_gamma)
+            if cos is not None:
                 cosines.append(cos)
-            if coeff is not None:
-                flat = modulate(flat, sizes, coeff[i], s.modulation == "OGM_GE")
-            grads.update((id(p), g.view_as(p)) for p, g in zip(group, flat.split(sizes)))
+            grads.update((id(p), g.view_as(p)) for p, g in zip(group, flat.split(self.group_sizes[m])))
         return cosines
 
     def _backward(self, loss_mm: torch.Tensor, loss_uni: torch.Tensor
@@ -150,6 +147,6 @@ def _named(params: list[nn.Parameter], grads: tuple) -> dict[int, torch.Tensor |
     return {id(p): g for p, g in zip(params, grads)}
 
 
-def _flat(grads: dict[int, torch.Tensor | None], params: list[nn.Parameter]) -> torch.Tensor:
-    """The gradients of `params` (zeros where a parameter got none) as one flat vector."""
-    return torch.cat([(torch.zeros_like(p) if grads[id(p)] is None else grads[id(p)]).reshape(-1) for p in params])
+def _grads_of(grads: dict[int, torch.Tensor | None], params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """The gradients of `params`, zeros where a parameter got none."""
+    return [torch.zeros_like(p) if grads[id(p)] is None else grads[id(p)] for p in params]

@@ -20,9 +20,15 @@ _threads: ThreadPoolExecutor | None = None
 
 def standard_normal_like(x: torch.Tensor) -> torch.Tensor:
     """A tensor shaped like x of independent N(0, 1) samples."""
-    if x.device.type != "cpu" or x.numel() <= CHUNK:
+    if x.device.type != "cpu":
         return torch.randn_like(x)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return standard_normal_(torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def standard_normal_(out: torch.Tensor) -> torch.Tensor:
+    """Fill a contiguous CPU tensor with independent N(0, 1) samples, in place; returns it."""
+    if out.numel() <= CHUNK:
+        return out.normal_()                                          # what torch.randn_like draws
     chunks = out.view(-1).split(CHUNK)
     seeds = torch.randint(2**63 - 1, (len(chunks),)).tolist()     # from the global generator
     list(_pool().map(_fill_standard_normal, chunks, seeds))

@@ -44,12 +44,22 @@ def pareto_combine(g_mm: torch.Tensor, g_uni: torch.Tensor, sizes: list[int], ga
     The group is a few flat operations (three dot products, per-tensor norms and scaling in a few
     kernels, utils/segments.py), so the cost does not grow with the number of parameter tensors.
     """
-    dots = g_mm @ g_mm, g_uni @ g_uni, g_mm @ g_uni
-    cos = _cosine(*dots)
-    k1 = torch.where(cos > 0, torch.full_like(cos, 0.5), _min_norm_weight(*dots))
+    k1, cos = pareto_weight(g_mm @ g_mm, g_uni @ g_uni, g_mm @ g_uni)
     half = torch.lerp(g_uni, g_mm, k1)                                  # n / 2 = k1 g_mm + (1 − k1) g_u
     plain_sum = g_mm.add_(g_uni)
-    sum_norms, half_norms = segment_norms(plain_sum, sizes), segment_norms(half, sizes)
-    ratio = torch.where(half_norms > 0, sum_norms / (2 * half_norms), torch.ones_like(half_norms))
-    factors = 2 * gamma * ratio.clamp_min(1.0)                          # per tensor, applied to n / 2
+    factors = magnitude_factors(segment_norms(plain_sum, sizes), segment_norms(half, sizes), gamma)
     return scale_segments_(half, sizes, factors), cos
+
+
+def pareto_weight(g1g1: torch.Tensor, g2g2: torch.Tensor, g1g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k1, cos) of a group from its three dot products: k1 = ½ where the gradients agree
+    (cos > 0), the min-norm weight where they conflict."""
+    cos = _cosine(g1g1, g2g2, g1g2)
+    return torch.where(cos > 0, torch.full_like(cos, 0.5), _min_norm_weight(g1g1, g2g2, g1g2)), cos
+
+
+def magnitude_factors(sum_norms: torch.Tensor, half_norms: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per tensor, the factor on n/2 = k1 g_mm + (1 − k1) g_u: 2γ · max(‖g_mm + g_u‖ / ‖n‖, 1)
+    (1 where n = 0)."""
+    ratio = torch.where(half_norms > 0, sum_norms / (2 * half_norms), torch.ones_like(half_norms))
+    return 2 * gamma * ratio.clamp_min(1.0)

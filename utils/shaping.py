@@ -1,0 +1,95 @@
+"""One encoder group's gradient shaping: MMPareto (SPEC §4 step 2), then OGM / OGM-GE (step 4).
+
+Two implementations of the same arithmetic, one per kind of machine:
+
+- `shape_group_flat` (GPU): each step of utils/pareto.py and utils/modulation.py is one
+  operation on the group's tensors concatenated: a few large kernels, the fewest launches.
+- `shape_group_per_tensor` (CPU): there each of those operations is a pass through memory, about
+  twelve passes over 42-126 MB for the text encoder's 10.5M parameters. But every per-tensor
+  number the shaping needs follows from five sums over the two gradients a = g_mm,p and
+  b = g_u,p of each tensor p (k2 = 1 − k1, h = k1 a + k2 b, n = numel):
+
+      A = ‖a‖²,  B = ‖b‖²,  C = a·b,  Σa,  Σb
+      k1, cos     from the group's ΣA, ΣB, ΣC                     (pareto_weight)
+      ‖a + b‖² = A + B + 2C,   ‖h‖² = k1²A + k2²B + 2 k1 k2 C
+      f         = magnitude_factors(‖a + b‖, ‖h‖, γ)             (MMPareto's g_p = f h)
+      std(g_p)² = f² (‖h‖² − (k1 Σa + k2 Σb)² / n) / (n − 1)
+
+  so κ g_p + std(g_p) ξ = κ f k1 · a + κ f k2 · b + std(g_p) · ξ: one pass for the sums and
+  one that writes the result over the noise ξ, tensor by tensor (the largest is 6 MB: it stays
+  in cache between the operations). Without MMPareto (no b) h = a and f = 1. The noise is the
+  flat path's, draw for draw (utils/noise.py), and the result the same to float32 rounding.
+"""
+from __future__ import annotations
+
+import torch
+
+from utils.modulation import modulate
+from utils.noise import standard_normal_
+from utils.pareto import magnitude_factors, pareto_combine, pareto_weight
+
+
+def shape_group(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] | None, coeff: torch.Tensor | None,
+                gaussian_noise: bool, gamma: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The shaped gradient of one encoder group, flat (its tensors' gradients concatenated in
+    order), and the group's MMPareto cosine.
+
+    g_mm: the gradient of each parameter tensor, of L_mm (of the summed loss without MMPareto);
+    g_uni: those of ΣL_m, or None for no MMPareto; coeff: κ of this modality (0-dim), or None
+    for no OGM; gaussian_noise: OGM-GE's noise on top of κ.
+    """
+    implementation = shape_group_per_tensor if g_mm[0].device.type == "cpu" else shape_group_flat
+    return implementation(g_mm, g_uni, coeff, gaussian_noise, gamma)
+
+
+def shape_group_flat(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] | None, coeff: torch.Tensor | None,
+                     gaussian_noise: bool, gamma: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    sizes = [g.numel() for g in g_mm]
+    flat, cos = _concat(g_mm), None
+    if g_uni is not None:
+        flat, cos = pareto_combine(flat, _concat(g_uni), sizes, gamma)
+    if coeff is not None:
+        flat = modulate(flat, sizes, coeff, gaussian_noise)
+    return flat, cos
+
+
+def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] | None, coeff: torch.Tensor | None,
+                        gaussian_noise: bool, gamma: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    a = [g.reshape(-1) for g in g_mm]
+    b = None if g_uni is None else [g.reshape(-1) for g in g_uni]
+    sq_a, sq_b, dot_ab, sum_a, sum_b = _tensor_sums(a, b).unbind(1)            # per tensor, float64
+    n = torch.tensor([x.numel() for x in a], dtype=torch.float64)
+    if b is None:
+        k1, cos, factors = torch.ones((), dtype=torch.float64), None, torch.ones_like(n)
+    else:
+        k1, cos = pareto_weight(sq_a.sum(), sq_b.sum(), dot_ab.sum())
+    k2 = 1 - k1
+    sq_h = (k1 * k1 * sq_a + k2 * k2 * sq_b + 2 * k1 * k2 * dot_ab).clamp_min(0)
+    if b is not None:
+        factors = magnitude_factors((sq_a + sq_b + 2 * dot_ab).clamp_min(0).sqrt(), sq_h.sqrt(), gamma)
+    kappa = 1.0 if coeff is None else coeff.double()
+    weight_a, weight_b = (kappa * factors * k1).tolist(), (kappa * factors * k2).tolist()
+    out = a[0].new_empty(int(n.sum()))
+    if gaussian_noise:
+        var_h = (sq_h - (k1 * sum_a + k2 * sum_b) ** 2 / n) / (n - 1).clamp_min(1)
+        stds = torch.where(n > 1, factors * var_h.clamp_min(0).sqrt(), torch.zeros_like(n)).tolist()
+        standard_normal_(out)
+    for p, out_p in enumerate(out.split(n.long().tolist())):
+        if gaussian_noise:
+            out_p.mul_(stds[p]).add_(a[p], alpha=weight_a[p])
+        else:
+            torch.mul(a[p], weight_a[p], out=out_p)
+        if b is not None:
+            out_p.add_(b[p], alpha=weight_b[p])
+    return out, None if cos is None else cos.float()
+
+
+def _tensor_sums(a: list[torch.Tensor], b: list[torch.Tensor] | None) -> torch.Tensor:
+    """[P, 5] float64: ‖a_p‖², ‖b_p‖², a_p·b_p, Σa_p, Σb_p (b's zero without b)."""
+    sums = torch.stack([torch.stack([x @ x, y @ y, x @ y, x.sum(), y.sum()])
+                        for x, y in zip(a, a if b is None else b)]).double()
+    return sums if b is not None else sums * torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+
+
+def _concat(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads])
