@@ -53,14 +53,15 @@ def shape_group_flat(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] | None,
     return flat, cos
 
 
-def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] | None, coeff: torch.Tensor | None,
-                        gaussian_noise: bool, gamma: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] | None,
+                           coeff: torch.Tensor | None, gaussian_noise: bool, gamma: float
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     a = [g.reshape(-1) for g in g_mm]
     b = None if g_uni is None else [g.reshape(-1) for g in g_uni]
-    sq_a, sq_b, dot_ab, sum_a, sum_b = _tensor_sums(a, b).unbind(1)            # per tensor, float64
+    sq_a, sq_b, dot_ab, sum_a, sum_b = _tensor_sums(a, b).unbind(1)       # pass 1; per tensor, float64
     n = torch.tensor([x.numel() for x in a], dtype=torch.float64)
-    if b is None:
-        k1, cos, factors = torch.ones((), dtype=torch.float64), None, torch.ones_like(n)
+    if b is None:                                                         # no MMPareto: h = a, f = 1
+        k1, cos, factors = 1.0, None, torch.ones_like(n)
     else:
         k1, cos = pareto_weight(sq_a.sum(), sq_b.sum(), dot_ab.sum())
     k2 = 1 - k1
@@ -74,7 +75,7 @@ def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] |
         var_h = (sq_h - (k1 * sum_a + k2 * sum_b) ** 2 / n) / (n - 1).clamp_min(1)
         stds = torch.where(n > 1, factors * var_h.clamp_min(0).sqrt(), torch.zeros_like(n)).tolist()
         standard_normal_(out)
-    for p, out_p in enumerate(out.split(n.long().tolist())):
+    for p, out_p in enumerate(out.split(n.long().tolist())):             # pass 2
         if gaussian_noise:
             out_p.mul_(stds[p]).add_(a[p], alpha=weight_a[p])
         else:
