@@ -1,5 +1,5 @@
 """Time of the gradient shaping alone (MMPareto + OGM-GE on every encoder group), at M3Net's real
-parameter sizes: as a training step runs it (on the CPU, `utils/shaping.py`'s per_tensor
+parameter sizes: as a training step runs it (on the CPU, `utils/shaping.py`'s per-tensor
 implementation), the flat implementation (the GPU's) on the same device, and the text group's
 noise draw against a plain `torch.randn`.
 

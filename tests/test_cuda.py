@@ -62,7 +62,7 @@ def test_per_tensor_operations_on_cuda_match_the_cpu():
 
 
 def test_group_shaping_on_cuda_matches_the_cpu():
-    # shape_group is flat on the GPU and per_tensor on the CPU (utils/shaping.py): no noise here.
+    # shape_group is flat on the GPU and per tensor on the CPU (utils/shaping.py): no noise here.
     torch.manual_seed(0)
     sizes = [300000, 1, 4000]
     g_mm = [torch.randn(n) for n in sizes]

@@ -58,24 +58,23 @@ def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] |
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     a = [g.reshape(-1) for g in g_mm]
     b = None if g_uni is None else [g.reshape(-1) for g in g_uni]
+    sizes = [x.numel() for x in a]
+    n = torch.tensor(sizes, dtype=torch.float64)
     sq_a, sq_b, dot_ab, sum_a, sum_b = _tensor_sums(a, b).unbind(1)       # pass 1; per tensor, float64
-    n = torch.tensor([x.numel() for x in a], dtype=torch.float64)
-    if b is None:                                                         # no MMPareto: h = a, f = 1
-        k1, cos, factors = 1.0, None, torch.ones_like(n)
-    else:
-        k1, cos = pareto_weight(sq_a.sum(), sq_b.sum(), dot_ab.sum())
+    # Without MMPareto h = a and f = 1.
+    k1, cos = (1.0, None) if b is None else pareto_weight(sq_a.sum(), sq_b.sum(), dot_ab.sum())
     k2 = 1 - k1
     sq_h = (k1 * k1 * sq_a + k2 * k2 * sq_b + 2 * k1 * k2 * dot_ab).clamp_min(0)
-    if b is not None:
-        factors = magnitude_factors((sq_a + sq_b + 2 * dot_ab).clamp_min(0).sqrt(), sq_h.sqrt(), gamma)
+    factors = (torch.ones_like(n) if b is None else
+               magnitude_factors((sq_a + sq_b + 2 * dot_ab).clamp_min(0).sqrt(), sq_h.sqrt(), gamma))
     kappa = 1.0 if coeff is None else coeff.double()
     weight_a, weight_b = (kappa * factors * k1).tolist(), (kappa * factors * k2).tolist()
-    out = a[0].new_empty(int(n.sum()))
+    out = a[0].new_empty(sum(sizes))
     if gaussian_noise:
         var_h = (sq_h - (k1 * sum_a + k2 * sum_b) ** 2 / n) / (n - 1).clamp_min(1)
         stds = torch.where(n > 1, factors * var_h.clamp_min(0).sqrt(), torch.zeros_like(n)).tolist()
         standard_normal_(out)
-    for p, out_p in enumerate(out.split(n.long().tolist())):             # pass 2
+    for p, out_p in enumerate(out.split(sizes)):                         # pass 2
         if gaussian_noise:
             out_p.mul_(stds[p]).add_(a[p], alpha=weight_a[p])
         else:
@@ -86,10 +85,13 @@ def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] |
 
 
 def _tensor_sums(a: list[torch.Tensor], b: list[torch.Tensor] | None) -> torch.Tensor:
-    """[P, 5] float64: ‖a_p‖², ‖b_p‖², a_p·b_p, Σa_p, Σb_p (b's zero without b)."""
-    sums = torch.stack([torch.stack([x @ x, y @ y, x @ y, x.sum(), y.sum()])
-                        for x, y in zip(a, a if b is None else b)]).double()
-    return sums if b is not None else sums * torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    """[P, 5] float64: ‖a_p‖², ‖b_p‖², a_p·b_p, Σa_p, Σb_p (b's terms 0 without b)."""
+    if b is None:
+        zero = a[0].new_zeros(())
+        rows = [torch.stack([x @ x, zero, zero, x.sum(), zero]) for x in a]
+    else:
+        rows = [torch.stack([x @ x, y @ y, x @ y, x.sum(), y.sum()]) for x, y in zip(a, b)]
+    return torch.stack(rows).double()
 
 
 def _concat(grads: list[torch.Tensor]) -> torch.Tensor:
