@@ -166,12 +166,13 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     """Train; with --resume, `given` holds the flags on the command line (see resume_point)."""
     resume_from = None
     log_dir = Path(args.log_dir) if args.log_dir else None
-    if log_dir and (log_dir / METRICS_FILE).exists() and not (log_dir / "last.pt").is_file():
+    holds_run = log_dir is not None and (log_dir / METRICS_FILE).exists()
+    if holds_run and not (log_dir / "last.pt").is_file():
         raise UserError(f"--log-dir {log_dir} holds a run that stopped before it saved its first last.pt: there is "
                         f"nothing to resume; remove that folder or pick another")
     if args.resume:
         args, resume_from = resume_point(args, given)
-    elif log_dir and (log_dir / METRICS_FILE).exists():
+    elif holds_run:
         raise UserError(f"--log-dir {log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
     splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in loaders.items())

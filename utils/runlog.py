@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from utils.errors import UserError
 
@@ -115,7 +115,7 @@ def _make_dir(path: Path, fresh: bool) -> Path:
             raise UserError(f"--log-dir {candidate}: cannot create it ({e.strerror})") from None
 
 
-def _lock_dir(folder: Path):
+def _lock_dir(folder: Path) -> TextIO:
     """Hold an exclusive lock on folder/.lock while the run lives (the OS drops it when the process
     ends, however it ends): a second run writing into the same folder is refused."""
     handle = open(folder / ".lock", "a")
