@@ -4,8 +4,10 @@
 
 Data: real-size synthetic sets (made once under --data-dir if missing). For each dataset,
 device and configuration (plain = `--modulation Normal --no-pareto --no-shapley`, dgs = the
-default), it times `--steps` training steps after `--warmup` ones (median), then `--epochs`
-full epochs (train + test eval, median), and records peak memory (CPU: peak RSS of the process
+default), it times `--steps` training steps (median) after `--warmup` untimed ones on the same
+batches (by default one pass over them: every shape they use is then cached, as in any epoch
+after the first: graph structures, the GPU's CUDA graphs), then `--epochs` full epochs (train +
+test eval; median, and the first apart), and records peak memory (CPU: peak RSS of the process
 so far; CUDA: peak allocated). Profiled steps (--profile-steps) on the first batch count the GFLOP of each
 configuration (the same batch for both: their ratio is the machine-independent cost of DGS) and
 give the time by phase (encoders, graph, valuation, backward, shaping, optimizer), median and
@@ -63,6 +65,7 @@ def build(data, device: torch.device, settings: DGSSettings, flags: dict, args) 
                       visual_dim=data.dims["visual"], num_L=args.num_L, num_K=args.num_K,
                       use_modal=flags["use_modal"], dropout=flags["dropout"])
     model = M3Net(cfg).to(device)
+    model.cuda_graphs = not args.no_cuda_graphs
     loss = multimodal_loss(data.dataset, None).to(device)
     optimizer = make_optimizer(model, flags["lr"], 3e-5)
     settings = DGSSettings(pareto=settings.pareto, shapley=settings.shapley, modulation=settings.modulation,
@@ -71,6 +74,7 @@ def build(data, device: torch.device, settings: DGSSettings, flags: dict, args) 
 
 
 def time_steps(step: DGSStep, batches: list, device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Seconds of `steps` training steps on `batches` (in turn), after `warmup` untimed ones."""
     step.model.train()
     times = []
     for i in range(warmup + steps):
@@ -167,11 +171,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num_L", type=int, default=1)
     p.add_argument("--num_K", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first, on the timed batches (default: one pass over them)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--epochs", type=int, default=1, help="timed full epochs per configuration (median; 0: none)")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled steps (phase medians and floors)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--no-cuda-graphs", action="store_true", help="the context RNN eagerly on the GPU")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     keep_freed_memory()
@@ -184,7 +190,8 @@ def main() -> None:
             generate(dataset, root, scale=args.scale, seed=0)
         data = load_conversations(dataset, root)
         loaders = make_loaders(data, args.batch_size, seed=0, pin_memory=any(d.startswith("cuda") for d in args.device))
-        batches = list(loaders["train"])[: args.warmup + args.steps]
+        batches = list(loaders["train"])[: args.steps]
+        warmup = len(batches) if args.warmup is None else args.warmup
         loading_s = time_loading(loaders)
         for device_name in args.device:
             device = torch.device(device_name)
@@ -193,7 +200,7 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                 model, step, loss = build(data, device, CONFIGS[name], README_FLAGS[dataset], args)
                 gemm_before, stalls_before = gemm_gflops(device), stall_share()
-                step_times = time_steps(step, batches, device, args.warmup, args.steps)
+                step_times = time_steps(step, batches, device, warmup, args.steps)
                 epoch_times = [sum(time_epoch(step, loaders, loss, device, dataset)) for _ in range(args.epochs)]
                 peak_mib = peak_memory_mib(device)          # before the profiler adds its own
                 phases, phase_floor, gflop = profile_steps(step, batches[0], device, args.profile_steps)
@@ -201,12 +208,14 @@ def main() -> None:
                        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
                        "step_s_median": statistics.median(step_times),
                        "epoch_s_median": statistics.median(epoch_times) if epoch_times else float("nan"),
+                       "first_epoch_s": epoch_times[0] if epoch_times else float("nan"),
                        "peak_mem_mib": peak_mib, "loading_s": loading_s,
                        "step_gflop": gflop, "gemm_gflops": [gemm_before, gemm_gflops(device)],
                        "stall_share": [stalls_before, stall_share()],
                        "breakdown_ms": phases, "breakdown_min_ms": phase_floor,
                        "floor_s": sum(phase_floor.values()) / 1000,
-                       "flags": dict(batch_size=args.batch_size, num_L=args.num_L, num_K=args.num_K, **README_FLAGS[dataset]),
+                       "flags": dict(batch_size=args.batch_size, num_L=args.num_L, num_K=args.num_K,
+                                     cuda_graphs=not args.no_cuda_graphs, **README_FLAGS[dataset]),
                        "step_times": step_times, "epoch_times": epoch_times}
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("step_times", "epoch_times")}), flush=True)
@@ -214,7 +223,7 @@ def main() -> None:
 
     print()
     print(f"{'dataset':8} {'device':6} {'config':6} {'step s':>8} {'floor s':>8} {'epoch s':>8} {'load s':>7} "
-          f"{'peak MiB':>9} {'GFLOP':>7} {'GEMM GF/s':>10} {'stalled':>9}  dgs/plain (time, floor, GFLOP)")
+          f"{'1st ep s':>8} {'peak MiB':>9} {'GFLOP':>7} {'GEMM GF/s':>10} {'stalled':>9}  dgs/plain (time, floor, GFLOP)")
     for row in results:
         plain = next(r for r in results if r["dataset"] == row["dataset"] and r["device"] == row["device"]
                      and r["config"] == "plain") if "plain" in args.configs else None
@@ -223,7 +232,8 @@ def main() -> None:
         gemm = "-".join(f"{g:.0f}" for g in row["gemm_gflops"])
         stalled = "-".join(f"{100 * g:.0f}%" for g in row["stall_share"])
         print(f"{row['dataset']:8} {row['device']:6} {row['config']:6} {row['step_s_median']:8.3f} "
-              f"{row['floor_s']:8.3f} {row['epoch_s_median']:8.2f} {row['loading_s']:7.2f} {row['peak_mem_mib']:9.0f} "
+              f"{row['floor_s']:8.3f} {row['epoch_s_median']:8.2f} {row['loading_s']:7.2f} {row['first_epoch_s']:8.2f} "
+              f"{row['peak_mem_mib']:9.0f} "
               f"{row['step_gflop']:7.1f} {gemm:>10} {stalled:>9}  {ratio}")
     for row in results:
         for key, what in (("breakdown_ms", "median"), ("breakdown_min_ms", "fastest")):

@@ -12,9 +12,12 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_na
 $PY -m pytest -q tests/test_cuda.py tests/test_rnn.py 2>&1 | tee "$OUT/cuda_tests.log"
 # The gradient shaping alone (MMPareto + OGM-GE at real parameter sizes).
 $PY benchmarks/bench_shaping.py --device cuda 2>&1 | tee "$OUT/bench_shaping.log"
-# README flags, batch 8: plain vs DGS, IEMOCAP and MELD.
+# README flags, batch 8: plain vs DGS, IEMOCAP and MELD; then the same with the context RNN
+# run eagerly (no CUDA graphs), on the same machine.
 $PY benchmarks/bench_train.py --Dataset IEMOCAP MELD --device cuda --steps 10 --epochs 3 \
     --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log"
+$PY benchmarks/bench_train.py --Dataset IEMOCAP MELD --device cuda --steps 10 --epochs 3 --no-cuda-graphs \
+    --json "$OUT/bench_cuda_no_graphs.json" 2>&1 | tee "$OUT/bench_cuda_no_graphs.log"
 # M3Net's own sizes (the reference runs out of memory on an 80 GB card here): DGS only.
 $PY benchmarks/bench_train.py --Dataset MELD IEMOCAP --device cuda --configs dgs --num_L 3 --num_K 4 \
     --batch-size 16 --steps 5 --epochs 1 --json "$OUT/bench_cuda_m3net.json" 2>&1 | tee "$OUT/bench_cuda_m3net.log"

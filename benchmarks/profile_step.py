@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--num_K", type=int, default=1)
     p.add_argument("--steps", type=int, default=5, help="profiled steps (on different batches)")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-cuda-graphs", action="store_true", help="the context RNN eagerly on the GPU")
     p.add_argument("--trace", default=None, help="write a Chrome trace here")
     p.add_argument("--epoch", action="store_true", help="also profile a whole epoch (cProfile)")
     args = p.parse_args()
@@ -62,10 +63,10 @@ def main() -> None:
     device = torch.device(args.device)
     data = load_conversations(args.Dataset, Path(args.data_dir) / args.Dataset)
     loaders = make_loaders(data, args.batch_size, seed=0, pin_memory=device.type == "cuda")
-    batches = [b.to(device) for b in list(loaders["train"])[: args.steps + 3]]
+    batches = [b.to(device) for b in list(loaders["train"])[: args.steps]]
     model, step, _ = build(data, device, CONFIGS[args.config], README_FLAGS[args.Dataset], args)
     model.train()
-    for batch in batches[args.steps:]:                # warm-up: allocator, cuDNN plans, graph cache
+    for batch in batches:        # warm-up on the same batches: allocator, graph cache, CUDA graphs
         step(batch, modulation_on=True)
     sync(device)
     start = time.perf_counter()

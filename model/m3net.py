@@ -18,6 +18,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from dataloader.batch import Batch
+from model.cuda_graphs import context_rnn
 from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
 from model.padding import distinct_rows, expand_rows, project_rows, project_steps
 from model.rnn import bidirectional_gru
@@ -73,6 +74,7 @@ class GraphModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.cuda_graphs = True   # train the context RNNs from CUDA graphs on the GPU (--no-cuda-graphs)
         self.modal_embeddings = nn.Embedding(3, NODE_DIM)
         # Embedding row of each present modality; a buffer so that it moves with the model
         # (building it per batch would be a blocking host-to-device copy).
@@ -134,6 +136,7 @@ class M3Net(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.cuda_graphs = True   # train the context RNNs from CUDA graphs on the GPU (--no-cuda-graphs)
         # Module-name prefix of the text RNN (None: Transformer). --av_using_lstm: audio/visual
         # RNNs of the base model's kind; an LSTM beside a Transformer.
         self._text_rnn = {"GRU": "gru", "LSTM": "lstm"}.get(cfg.base_model)
@@ -198,7 +201,8 @@ class M3Net(nn.Module):
         x = expand_rows(rows, graph.step_rows)
         if isinstance(encoder, nn.TransformerEncoderLayer):
             return encoder(x)
-        return encoder(x)[0]
+        # On the GPU, one launch each way instead of cuDNN's per-step kernels (model/cuda_graphs.py).
+        return context_rnn(encoder, x, self.cuda_graphs)
 
     def encode(self, batch: Batch, graph: DialogueGraph) -> dict[str, torch.Tensor]:
         """Encoder outputs z_m [T, B, 1024] per present modality (the gradient groups θ_m end here)."""

@@ -1,13 +1,16 @@
 """The same model, step and CLI on CUDA as on the CPU. Runs where a GPU is present (skipped elsewhere)."""
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 
 import pytest
 import torch
 
 from dataloader.datasets import load_conversations
 from dataloader.loaders import make_loaders
+from model.cuda_graphs import _GRAPHS, can_graph, context_rnn, graphed_rnn
 from model.graph import build_graph
 from model.m3net import M3Net, ModelConfig
 from utils import main as entry
@@ -87,6 +90,7 @@ def test_forward_on_cuda_matches_the_cpu(iemocap_dir):
         torch.testing.assert_close(gpu.unimodal_logits[m].cpu(), cpu.unimodal_logits[m], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")   # e.g. autograd streams crossed by the graphs
 def test_dgs_step_gradients_on_cuda_match_the_cpu(iemocap_dir):
     model, batch = _model_and_batch(iemocap_dir, "IEMOCAP", dropout=0.0)
     gpu_model = M3Net(model.cfg)
@@ -98,6 +102,7 @@ def test_dgs_step_gradients_on_cuda_match_the_cpu(iemocap_dir):
         step = DGSStep(m, torch.optim.SGD(m.parameters(), lr=0.0), torch.nn.NLLLoss(), settings)
         stats[name] = step(b, modulation_on=True)
         grads[name] = {n: p.grad.cpu() for n, p in m.named_parameters() if p.grad is not None}
+    assert gpu_model.gru_l in _GRAPHS                              # the text GRU ran from CUDA graphs
     assert grads["cpu"].keys() == grads["cuda"].keys()
     for key in ("shapley", "coeff", "cos", "loss_mm"):
         # Shapley scores are differences of probabilities: compare absolutely.
@@ -125,3 +130,75 @@ def test_training_on_cuda_and_testing_from_its_checkpoint(capsys, tmp_path, meld
     assert on_gpu["weighted_f1"] == pytest.approx(record["test"]["weighted_f1"])
     agree = sum(a == b for a, b in zip(on_gpu["predictions"], on_cpu["predictions"])) / len(on_cpu["predictions"])
     assert agree >= 0.98
+
+
+def _rnn(kind=torch.nn.GRU, dropout: float = 0.0):
+    torch.manual_seed(0)
+    return kind(12, 8, num_layers=2, bidirectional=True, dropout=dropout).to(CUDA)
+
+
+@pytest.mark.parametrize("kind", [torch.nn.GRU, torch.nn.LSTM])
+def test_graphed_rnn_gives_the_modules_output_and_both_backward_passes(kind):
+    """Shapes alternate (capture, capture, replay); two backwards through one forward, as a DGS
+    step does: each must give the module's own gradients, the first not overwritten by the
+    second (the graphs write to shared buffers)."""
+    rnn = _rnn(kind)                            # training, no dropout: comparable
+    module = copy.deepcopy(rnn)                 # the reference, weights laid out as nn.GRU has them
+    module.flatten_parameters()
+    for steps, batch in ((5, 3), (9, 3), (5, 3), (9, 2)):
+        x = torch.randn(steps, batch, 12, device=CUDA, requires_grad=True)
+        assert can_graph(rnn, x)
+        want, got = module(x)[0], graphed_rnn(rnn, x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        cotangents = torch.randn_like(want), torch.randn_like(want)
+        got_grads = [torch.autograd.grad(got, [x, *rnn.parameters()], c, retain_graph=True) for c in cotangents]
+        for c, grads in zip(cotangents, got_grads):
+            for g_got, g_want in zip(grads, torch.autograd.grad(want, [x, *module.parameters()], c, retain_graph=True)):
+                torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+    assert len(_GRAPHS[rnn].shapes) == 3
+    # Each layer's weights in a cuDNN buffer of their own, so that no graph keeps a packed copy.
+    storages = {layer: {p.untyped_storage().data_ptr() for n, p in rnn.named_parameters() if f"_l{layer}" in n}
+                for layer in (0, 1)}
+    assert len(storages[0]) == len(storages[1]) == 1 and storages[0] != storages[1]
+
+
+def test_graphed_rnn_draws_a_new_dropout_mask_at_every_replay():
+    rnn = _rnn(dropout=0.5)
+    x = torch.randn(6, 4, 12, device=CUDA, requires_grad=True)
+    first, second = graphed_rnn(rnn, x), graphed_rnn(rnn, x)
+    assert (first - second).abs().max().item() > 1e-3
+    torch.manual_seed(7)
+    again = graphed_rnn(rnn, x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(graphed_rnn(rnn, x), again, rtol=0, atol=0)   # seeded: reproducible
+    torch.manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # weights laid out per layer: nothing to pack
+        eager = context_rnn(rnn, x, cuda_graphs=False)
+    torch.testing.assert_close(eager, again, rtol=1e-5, atol=1e-6)             # the eager masks
+
+
+def test_graphed_rnn_refuses_a_backward_after_a_later_forward():
+    rnn = _rnn()
+    x = torch.randn(4, 2, 12, device=CUDA, requires_grad=True)
+    earlier = graphed_rnn(rnn, x)
+    graphed_rnn(rnn, x)
+    with pytest.raises(RuntimeError, match="later forward"):
+        earlier.sum().backward()
+
+
+def test_graphed_rnn_recaptures_when_the_parameters_move():
+    rnn = _rnn()
+    x = torch.randn(4, 2, 12, device=CUDA)
+    graphed_rnn(rnn, x)
+    rnn.double().float()                         # new parameter storage: the old graphs are stale
+    with torch.no_grad():
+        rnn.weight_hh_l0.mul_(2)
+        want = rnn(x)[0]
+    torch.testing.assert_close(graphed_rnn(rnn, x), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert not can_graph(rnn, x)             # evaluation: no backward to prepare
+        torch.testing.assert_close(context_rnn(rnn, x), want, rtol=1e-5, atol=1e-6)
+    assert not can_graph(rnn.eval(), x)          # cuDNN has no backward outside training
+    rnn.train().weight_ih_l0.requires_grad_(False)
+    assert not can_graph(rnn, x)                 # a frozen parameter: no graphs

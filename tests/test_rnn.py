@@ -3,12 +3,21 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from model.cuda_graphs import can_graph, layered_rnn
 from model.rnn import bidirectional_gru
 
 
 def _gru(input_size: int, hidden: int, layers: int, dropout: float = 0.0) -> torch.nn.GRU:
     torch.manual_seed(0)
     return torch.nn.GRU(input_size, hidden, num_layers=layers, bidirectional=True, dropout=dropout).double()
+
+def _assert_same_function(got: torch.Tensor, want: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    """got == want, and so are their gradients in every input (a random cotangent), in float64."""
+    assert_close(got, want, rtol=0, atol=1e-12)
+    cotangent = torch.randn_like(want)
+    for g_want, g_got in zip(torch.autograd.grad(want, inputs, cotangent), torch.autograd.grad(got, inputs, cotangent)):
+        assert_close(g_got, g_want, rtol=0, atol=1e-11)
+
 
 
 @pytest.mark.parametrize("steps,batch,layers", [(1, 1, 1), (7, 3, 2), (12, 2, 3)])
@@ -17,11 +26,7 @@ def test_forward_and_all_gradients_match_nn_gru(steps, batch, layers):
     x = torch.randn(steps, batch, 6, dtype=torch.double, requires_grad=True)
     want, got = gru(x)[0], bidirectional_gru(gru, x)
     assert got.shape == (steps, batch, 10)
-    assert_close(got, want, rtol=0, atol=1e-12)
-    cotangent = torch.randn_like(want)
-    inputs = [x, *gru.parameters()]
-    for g_want, g_got in zip(torch.autograd.grad(want, inputs, cotangent), torch.autograd.grad(got, inputs, cotangent)):
-        assert_close(g_got, g_want, rtol=0, atol=1e-11)
+    _assert_same_function(got, want, [x, *gru.parameters()])
 
 
 def test_gradients_against_finite_differences():
@@ -65,11 +70,7 @@ def test_real_steps_leave_every_read_output_and_gradient_unchanged(layers):
     mask.view(-1, 1)[real] = 1.0
     mask = mask.transpose(0, 1)                                            # [T, B, 1]
     want, got = gru(x)[0] * mask, bidirectional_gru(gru, x, real) * mask
-    assert_close(got, want, rtol=0, atol=1e-12)
-    cotangent = torch.randn_like(want)
-    inputs = [x, *gru.parameters()]
-    for g_want, g_got in zip(torch.autograd.grad(want, inputs, cotangent), torch.autograd.grad(got, inputs, cotangent)):
-        assert_close(g_got, g_want, rtol=0, atol=1e-11)
+    _assert_same_function(got, want, [x, *gru.parameters()])
     # the skipped part: the forward direction past a dialogue's end is not nn.GRU's there
     unmasked = bidirectional_gru(gru, x, real)
     assert (unmasked[3:, 1, :3] - gru(x)[0][3:, 1, :3]).abs().max() > 1e-6
@@ -86,8 +87,26 @@ def test_distinct_rows_give_nn_grus_output_and_gradients():
     x = rows[step_rows]                                        # [4, 3, 4]; autograd sums over the copies
     want, got = gru(x)[0], bidirectional_gru(gru, rows, step_rows=step_rows)
     assert got.shape == (4, 3, 6)
-    assert_close(got, want, rtol=0, atol=1e-12)
-    cotangent = torch.randn_like(want)
-    inputs = [rows, *gru.parameters()]
-    for g_want, g_got in zip(torch.autograd.grad(want, inputs, cotangent), torch.autograd.grad(got, inputs, cotangent)):
-        assert_close(g_got, g_want, rtol=0, atol=1e-11)
+    _assert_same_function(got, want, [rows, *gru.parameters()])
+
+
+# model/cuda_graphs.py captures the GPU's context RNN one layer per cuDNN call, F.dropout between
+# layers; here, on the CPU, that layering must compute what the module itself computes.
+@pytest.mark.parametrize("kind", [torch.nn.GRU, torch.nn.LSTM])
+@pytest.mark.parametrize("training", [False, True])
+def test_layered_rnn_is_the_module_itself(kind, training):
+    torch.manual_seed(0)
+    rnn = kind(6, 5, num_layers=3, bidirectional=True, dropout=0.4).double().train(training)
+    x = torch.randn(7, 3, 6, dtype=torch.double, requires_grad=True)
+    torch.manual_seed(1)
+    want = rnn(x)[0]
+    torch.manual_seed(1)                       # the same dropout masks, drawn in the same order
+    got = layered_rnn(rnn, x)
+    assert got.shape == (7, 3, 10)
+    _assert_same_function(got, want, [x, *rnn.parameters()])
+
+
+def test_cuda_graphs_apply_only_to_trained_rnns_on_the_gpu():
+    gru, x = _gru(6, 5, 2), torch.randn(4, 2, 6, dtype=torch.double)
+    assert not can_graph(gru, x)                                   # a CPU input
+    assert not can_graph(torch.nn.Linear(6, 5), x)

@@ -311,7 +311,7 @@ def test_resume_without_the_starting_checkpoint_and_after_a_lost_epoch(capsys, t
     assert (saved.epochs, saved.no_cuda, saved.batch_size, saved.checkpoint) == (1, True, 4, None)
     status, _, err = run_main(capsys, [*argv, "--lr", "0.5"])
     assert status == 2
-    assert "changes lr (0.0001 -> 0.5): only epochs, no_cuda, num_workers, data_dir may change" in err
+    assert "changes lr (0.0001 -> 0.5): only epochs, no_cuda, no_cuda_graphs, num_workers, data_dir may change" in err
     status, out, err = run_main(capsys, [*common, "--resume", "--epochs", "2"])   # the same flags again
     assert status == 0, err
     assert f"resumed from {log / 'last.pt'} after epoch 1/2 (epoch 0 in metrics.jsonl)" in out

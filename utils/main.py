@@ -77,7 +77,9 @@ def build_model(args: argparse.Namespace, data: Conversations) -> M3Net:
         visual_dim=data.dims["visual"], modals=args.modals, base_model=args.base_model, norm=args.norm,
         num_L=args.num_L, num_K=args.num_K, use_speaker=args.use_speaker, use_modal=args.use_modal,
         use_residue=args.use_residue, av_using_lstm=args.av_using_lstm, dropout=args.dropout)
-    return M3Net(cfg)
+    model = M3Net(cfg)
+    model.cuda_graphs = not args.no_cuda_graphs
+    return model
 
 
 def class_weights(args: argparse.Namespace, data: Conversations, train_loader) -> torch.Tensor | None:
@@ -191,7 +193,7 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
 
 
 # What a resumed run may change: where things are and how long it goes on.
-RESUME_MAY_CHANGE = ("epochs", "no_cuda", "num_workers", "data_dir")
+RESUME_MAY_CHANGE = ("epochs", "no_cuda", "no_cuda_graphs", "num_workers", "data_dir")
 RESUME_FIELDS = ("model", "optimizer", "scheduler", "epoch", "args", "best")
 
 

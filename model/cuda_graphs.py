@@ -1,0 +1,187 @@
+"""The context RNN on the GPU, replayed from CUDA graphs: one forward and one backward graph per
+input shape.
+
+Why: on the GPU a training step is bound by the host, not the arithmetic. cuDNN's GRU launches
+the kernels of every time step of every layer and direction one by one: at MELD's lengths its
+forward takes ~1.5 ms of host time and each backward 3-5 ms, and a DGS step runs two backwards
+through it (SPEC §4), about a third of the step. Replaying a captured graph is one launch.
+
+Shapes: the input is the padded batch [T, B, D], T the batch's longest dialogue (the reverse
+direction reads the padded steps, as in the reference, so T cannot be rounded up). A dataset
+has a few dozen (T, B); each is captured the first time it is seen (two warm-up runs and the
+capture, tens of milliseconds) and replayed in every later epoch.
+
+The layers run as separate cuDNN calls with `F.dropout` between them, as `model/rnn.py` does on
+the CPU, rather than with cuDNN's own inter-layer dropout: that keeps its random state in a
+buffer which `torch.manual_seed` replaces (a captured graph would go on using the freed one),
+while torch's generator is advanced by every replay, so each step draws a new mask.
+
+Memory: each shape's graphs keep their input, output, and what the backward reads (cuDNN's
+reserve space, the dropout mask); their scratch memory is shared by all shapes of the module,
+and the weight gradients of all shapes go to one shared buffer, copied out after each backward.
+So the backward must come before the module's next forward (a training step does just that);
+a backward through an earlier forward is refused with an error.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.backends.cudnn import rnn as cudnn_rnn
+
+WARMUP_RUNS = 2   # eager runs on the capture stream before capturing: cuDNN sets up its plans
+
+
+def context_rnn(rnn: nn.Module, x: torch.Tensor, cuda_graphs: bool = True) -> torch.Tensor:
+    """rnn(x)[0] for x [T, B, D]: from CUDA graphs where they apply (`can_graph`), else eagerly."""
+    if cuda_graphs and can_graph(rnn, x):
+        return graphed_rnn(rnn, x)
+    if rnn in _GRAPHS and _GRAPHS[rnn].fits(rnn):
+        return layered_rnn(rnn, x)       # its weights are laid out per layer now (`_flatten_per_layer`)
+    return rnn(x)[0]
+
+
+def can_graph(rnn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `graphed_rnn` applies: a GRU or LSTM in training (cuDNN has no backward outside
+    it), all its parameters trainable, gradients on, a CUDA input, no other capture going on."""
+    return (isinstance(rnn, (nn.GRU, nn.LSTM)) and rnn.training and x.is_cuda and torch.is_grad_enabled()
+            and all(p.requires_grad for p in rnn.parameters()) and not torch.cuda.is_current_stream_capturing())
+
+
+def layered_rnn(rnn: nn.GRU | nn.LSTM, x: torch.Tensor, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """What `rnn(x)[0]` computes (sequence-first, zero initial state) for x [T, B, D], one layer
+    per call and `F.dropout` between layers: [T, B, H · directions]. `weights`: stand-ins for
+    `rnn.parameters()`, in their order (per layer, per direction: w_ih, w_hh, b_ih, b_hh)."""
+    weights = list(rnn.parameters()) if weights is None else weights
+    directions = 2 if rnn.bidirectional else 1
+    per_layer = len(weights) // rnn.num_layers
+    zeros = x.new_zeros(directions, x.shape[1], rnn.hidden_size)
+    for layer in range(rnn.num_layers):
+        if layer > 0:
+            x = F.dropout(x, rnn.dropout, rnn.training)
+        layer_weights = weights[layer * per_layer:(layer + 1) * per_layer]
+        if isinstance(rnn, nn.LSTM):
+            x = torch.lstm(x, (zeros, zeros), layer_weights, True, 1, 0.0, rnn.training, rnn.bidirectional, False)[0]
+        else:
+            x = torch.gru(x, zeros, layer_weights, True, 1, 0.0, rnn.training, rnn.bidirectional, False)[0]
+    return x
+
+
+def graphed_rnn(rnn: nn.GRU | nn.LSTM, x: torch.Tensor) -> torch.Tensor:
+    """`layered_rnn(rnn, x)` for a CUDA x, replayed from the CUDA graphs of x's shape (captured
+    on first sight); differentiable in x and the RNN's parameters."""
+    graphs = _GRAPHS.get(rnn)
+    if graphs is None or not graphs.fits(rnn):
+        graphs = _GRAPHS[rnn] = _RNNGraphs(rnn)
+    key = (tuple(x.shape), x.dtype)
+    shape = graphs.shapes.get(key) or graphs.capture(rnn, x, key)
+    return _Replay.apply(shape, graphs, x, *graphs.params)
+
+
+def _flatten_per_layer(rnn: nn.GRU | nn.LSTM) -> None:
+    """Give each layer's parameters a cuDNN weight buffer of their own, as nn.GRU does for all
+    layers together (`flatten_parameters`). A one-layer cuDNN call then reads its weights where
+    they are; otherwise cuDNN packs them into a new buffer on every call, which a graph keeps
+    for its backward: one copy of the layer's weights (19 MB for M3Net's GRU) per shape."""
+    weights = list(rnn.parameters())
+    per_layer = len(weights) // rnn.num_layers
+    directions = 2 if rnn.bidirectional else 1
+    with torch.no_grad():
+        for layer in range(rnn.num_layers):
+            input_size = rnn.input_size if layer == 0 else rnn.hidden_size * directions
+            try:
+                torch._cudnn_rnn_flatten_weight(weights[layer * per_layer:(layer + 1) * per_layer], 4, input_size,
+                                                cudnn_rnn.get_cudnn_mode(rnn.mode), rnn.hidden_size, 0, 1, False,
+                                                rnn.bidirectional)
+            except (RuntimeError, TypeError, AttributeError):   # no cuDNN here: it packs the weights instead
+                return
+
+
+@dataclass
+class _ShapeGraphs:
+    forward: torch.cuda.CUDAGraph
+    backward: torch.cuda.CUDAGraph
+    x: torch.Tensor              # static input (its gradient is computed)
+    y: torch.Tensor              # static output; its autograd graph holds what the backward reads
+    grad_y: torch.Tensor         # static incoming gradient
+    grad_x: torch.Tensor         # static gradient of x
+
+
+class _RNNGraphs:
+    """The captured shapes of one RNN module, their memory pool and shared gradient buffer."""
+
+    def __init__(self, rnn: nn.Module):
+        _flatten_per_layer(rnn)
+        self.params = list(rnn.parameters())
+        self.param_ptrs = [p.data_ptr() for p in self.params]
+        self.grads = torch.empty(sum(p.numel() for p in self.params), dtype=self.params[0].dtype,
+                                 device=self.params[0].device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(self.params[0].device)
+        self.shapes: dict[tuple, _ShapeGraphs] = {}
+        self.runs = 0       # forwards replayed so far: a backward must come before the next one
+
+    def fits(self, rnn: nn.Module) -> bool:
+        """False once the parameters were replaced or moved (`.to()`, `flatten_parameters()`):
+        the graphs read and write the old addresses."""
+        return [p.data_ptr() for p in rnn.parameters()] == self.param_ptrs
+
+    def capture(self, rnn: nn.Module, x: torch.Tensor, key: tuple) -> _ShapeGraphs:
+        static_x = x.detach().clone().requires_grad_()
+        # The graphs differentiate aliases of the parameters (same memory): the autograd graph
+        # kept for the backward's saved state then holds no node of the parameters themselves,
+        # whose gradient accumulators belong to the eager steps' stream.
+        inputs = [static_x, *(p.detach().requires_grad_() for p in self.params)]
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream), warnings.catch_warnings():
+            # Where `_flatten_per_layer` could not lay the weights out, cuDNN packs them itself,
+            # inside the graph (each replay reads the current weights); its warning about the
+            # cost of that is meant for eager calls.
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            for _ in range(WARMUP_RUNS):
+                y = layered_rnn(rnn, static_x, inputs[1:])
+                torch.autograd.grad(y, inputs, torch.ones_like(y))
+            forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            # thread_local: a DataLoader's pin-memory thread may call CUDA meanwhile
+            forward.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            static_y = layered_rnn(rnn, static_x, inputs[1:])
+            forward.capture_end()
+            grad_y = torch.empty_like(static_y)
+            backward.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            grad_x, *grad_params = torch.autograd.grad(static_y, inputs, grad_y, retain_graph=True)
+            torch.cat([g.reshape(-1) for g in grad_params], out=self.grads)
+            backward.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        self.shapes[key] = _ShapeGraphs(forward, backward, static_x, static_y, grad_y, grad_x)
+        return self.shapes[key]
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shape: _ShapeGraphs, graphs: _RNNGraphs, x: torch.Tensor, *params: torch.Tensor):
+        shape.x.copy_(x)
+        shape.forward.replay()
+        graphs.runs += 1
+        ctx.shape, ctx.graphs, ctx.run = shape, graphs, graphs.runs
+        return shape.y.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        shape, graphs = ctx.shape, ctx.graphs
+        if graphs.runs != ctx.run:
+            raise RuntimeError("backward through a CUDA-graphed RNN forward after a later forward of the same "
+                               "RNN, which reuses its memory; run each backward before the next forward "
+                               "(or turn the graphs off: --no-cuda-graphs)")
+        shape.grad_y.copy_(grad_y)
+        shape.backward.replay()
+        grads = graphs.grads.clone().split([p.numel() for p in graphs.params])
+        return None, None, shape.grad_x.clone(), *(g.view_as(p) for g, p in zip(grads, graphs.params))
+
+
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, _RNNGraphs] = weakref.WeakKeyDictionary()
