@@ -74,7 +74,6 @@ class GraphModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.cuda_graphs = True   # train the context RNNs from CUDA graphs on the GPU (--no-cuda-graphs)
         self.modal_embeddings = nn.Embedding(3, NODE_DIM)
         # Embedding row of each present modality; a buffer so that it moves with the model
         # (building it per batch would be a blocking host-to-device copy).

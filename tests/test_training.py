@@ -468,3 +468,9 @@ def test_run_scripts_defaults_are_the_readme_settings():
     assert (iemocap.seed, iemocap.use_modal, iemocap.pareto_gamma, iemocap.epochs, iemocap.lr) == (1475, True, 0.2, 80, 1e-4)
     assert (meld.seed, meld.use_modal, meld.pareto_gamma, meld.epochs, meld.lr) == (67137, False, 1.0, 50, 1e-5)
     assert iemocap.dropout == 0.5 and meld.dropout == 0.4
+
+
+def test_no_cuda_graphs_flag_reaches_the_model(meld_dir):
+    data = load_conversations("MELD", meld_dir)
+    for argv, graphs in (([], True), (["--no-cuda-graphs"], False)):
+        assert entry.build_model(entry.parse_args("MELD", DEFAULTS["MELD"], argv), data).cuda_graphs is graphs
