@@ -114,26 +114,30 @@ def time_epoch(step: DGSStep, loaders: dict, loss, device: torch.device, dataset
 def profile_steps(step: DGSStep, batch, device: torch.device, repeats: int = 3
                   ) -> tuple[dict[str, float], dict[str, float], float]:
     """`repeats` profiled steps on one batch: milliseconds per phase, median and minimum over the
-    steps (device time on CUDA, CPU time otherwise), and the GFLOP of one step's matrix products
-    (what the profiler counts: mm, bmm, addmm, baddbmm...)."""
+    steps (device time on CUDA, CPU time otherwise); then one more step for the GFLOP of its
+    matrix products (what the profiler counts: mm, bmm, addmm, baddbmm...). Apart, because
+    counting FLOPs slows the CPU's ops several-fold (the coalition passes tenfold)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     step.model.train()
     batch = batch.to(device)
-    with torch.profiler.profile(activities=activities, with_flops=True) as prof:
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(repeats):
             step(batch, modulation_on=True)
             sync(device)
-    per_phase, flops = {}, 0
+    per_phase = {}
     for event in prof.events():
-        flops += event.flops or 0
         if event.name in PHASES:
             # On CUDA the annotation's GPU span, when the profiler reports one; host time otherwise.
             device_us = getattr(event, "device_time_total", 0) if device.type == "cuda" else 0
             per_phase.setdefault(event.name, []).append((device_us or event.cpu_time_total) / 1000)
+    with torch.profiler.profile(activities=activities, with_flops=True) as prof:
+        step(batch, modulation_on=True)
+        sync(device)
+    flops = sum(event.flops or 0 for event in prof.events())
     median = {k: statistics.median(v) for k, v in per_phase.items()}
-    return median, {k: min(v) for k, v in per_phase.items()}, flops / repeats / 1e9
+    return median, {k: min(v) for k, v in per_phase.items()}, flops / 1e9
 
 
 def stall_share(seconds: float = 3.0) -> float:
