@@ -17,15 +17,19 @@ buffer which `torch.manual_seed` replaces (a captured graph would go on using th
 while torch's generator is advanced by every replay, so each step draws a new mask.
 
 Memory: each shape's graphs keep their input, output, and what the backward reads (cuDNN's
-reserve space, the dropout mask); their scratch memory is shared by all shapes of the module,
-and the weight gradients of all shapes go to one shared buffer, copied out after each backward.
-So the backward must come before the module's next forward (a training step does just that);
-a backward through an earlier forward is refused with an error.
+reserve space, the dropout mask, the first layer's output): tens of MB per shape at M3Net's
+sizes. Their scratch memory is shared by all shapes of the module, so one shape's replay may
+overwrite what another shape's forward left for its backward: the backward must come before the
+module's next forward (a training step does just that), and a backward through an earlier
+forward is refused with an error. The weight gradients of all shapes go to one shared buffer,
+copied out after each backward.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,22 +45,28 @@ def context_rnn(rnn: nn.Module, x: torch.Tensor, cuda_graphs: bool = True) -> to
     """rnn(x)[0] for x [T, B, D]: from CUDA graphs where they apply (`can_graph`), else eagerly."""
     if cuda_graphs and can_graph(rnn, x):
         return graphed_rnn(rnn, x)
-    if rnn in _GRAPHS and _GRAPHS[rnn].fits(rnn):
-        return layered_rnn(rnn, x)       # its weights are laid out per layer now (`_flatten_per_layer`)
+    if rnn in _GRAPHS:
+        if _GRAPHS[rnn].fits(rnn):
+            return layered_rnn(rnn, x)   # its weights are laid out per layer now (`_flatten_per_layer`)
+        del _GRAPHS[rnn]                 # stale (the weights moved): free their memory
     return rnn(x)[0]
 
 
 def can_graph(rnn: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `graphed_rnn` applies: a GRU or LSTM in training (cuDNN has no backward outside
-    it), all its parameters trainable, gradients on, a CUDA input, no other capture going on."""
-    return (isinstance(rnn, (nn.GRU, nn.LSTM)) and rnn.training and x.is_cuda and torch.is_grad_enabled()
+    """Whether `graphed_rnn` applies: a sequence-first GRU or LSTM with biases and no projection
+    (the layout `layered_rnn` reads), in training (cuDNN has no backward outside it), all its
+    parameters trainable, gradients on, a CUDA input, no other capture going on."""
+    return (isinstance(rnn, (nn.GRU, nn.LSTM)) and not rnn.batch_first and rnn.bias and not rnn.proj_size
+            and rnn.training and x.is_cuda and torch.is_grad_enabled()
             and all(p.requires_grad for p in rnn.parameters()) and not torch.cuda.is_current_stream_capturing())
 
 
 def layered_rnn(rnn: nn.GRU | nn.LSTM, x: torch.Tensor, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """What `rnn(x)[0]` computes (sequence-first, zero initial state) for x [T, B, D], one layer
-    per call and `F.dropout` between layers: [T, B, H · directions]. `weights`: stand-ins for
-    `rnn.parameters()`, in their order (per layer, per direction: w_ih, w_hh, b_ih, b_hh)."""
+    """`rnn(x)[0]` (sequence-first, zero initial state) for x [T, B, D], one layer per call and
+    `F.dropout` between layers: [T, B, H · directions]. With dropout on the GPU the same in
+    distribution only (cuDNN's own dropout draws other masks); exactly so on the CPU. `weights`:
+    stand-ins for `rnn.parameters()`, in their order (per layer, per direction: w_ih, w_hh,
+    b_ih, b_hh)."""
     weights = list(rnn.parameters()) if weights is None else weights
     directions = 2 if rnn.bidirectional else 1
     per_layer = len(weights) // rnn.num_layers
@@ -128,8 +138,10 @@ class _RNNGraphs:
 
     def fits(self, rnn: nn.Module) -> bool:
         """False once the parameters were replaced or moved (`.to()`, `flatten_parameters()`):
-        the graphs read and write the old addresses."""
-        return [p.data_ptr() for p in rnn.parameters()] == self.param_ptrs
+        the graphs read and write the old addresses, and return gradients for the old tensors."""
+        params = list(rnn.parameters())
+        return (len(params) == len(self.params) and all(p is q for p, q in zip(params, self.params))
+                and [p.data_ptr() for p in params] == self.param_ptrs)
 
     def capture(self, rnn: nn.Module, x: torch.Tensor, key: tuple) -> _ShapeGraphs:
         static_x = x.detach().clone().requires_grad_()
@@ -147,18 +159,27 @@ class _RNNGraphs:
                 y = layered_rnn(rnn, static_x, inputs[1:])
                 torch.autograd.grad(y, inputs, torch.ones_like(y))
             forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            # thread_local: a DataLoader's pin-memory thread may call CUDA meanwhile
-            forward.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            static_y = layered_rnn(rnn, static_x, inputs[1:])
-            forward.capture_end()
+            with _capturing(forward, self.pool):
+                static_y = layered_rnn(rnn, static_x, inputs[1:])
             grad_y = torch.empty_like(static_y)
-            backward.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            grad_x, *grad_params = torch.autograd.grad(static_y, inputs, grad_y, retain_graph=True)
-            torch.cat([g.reshape(-1) for g in grad_params], out=self.grads)
-            backward.capture_end()
+            with _capturing(backward, self.pool):
+                grad_x, *grad_params = torch.autograd.grad(static_y, inputs, grad_y, retain_graph=True)
+                torch.cat([g.reshape(-1) for g in grad_params], out=self.grads)
         torch.cuda.current_stream().wait_stream(self.stream)
         self.shapes[key] = _ShapeGraphs(forward, backward, static_x, static_y, grad_y, grad_x)
         return self.shapes[key]
+
+
+@contextlib.contextmanager
+def _capturing(graph: torch.cuda.CUDAGraph, pool: tuple) -> Iterator[None]:
+    """Capture the current stream's work into `graph`, ended even if the work raises (an
+    unended capture would break every later call on the stream). thread_local: a DataLoader's
+    pin-memory thread may call CUDA meanwhile."""
+    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+    try:
+        yield
+    finally:
+        graph.capture_end()
 
 
 class _Replay(torch.autograd.Function):

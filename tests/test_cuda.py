@@ -202,3 +202,60 @@ def test_graphed_rnn_recaptures_when_the_parameters_move():
     assert not can_graph(rnn.eval(), x)          # cuDNN has no backward outside training
     rnn.train().weight_ih_l0.requires_grad_(False)
     assert not can_graph(rnn, x)                 # a frozen parameter: no graphs
+
+
+def test_graphed_rnn_backward_uses_the_forwards_dropout_mask():
+    rnn = _rnn(dropout=0.5)
+    x = torch.randn(6, 4, 12, device=CUDA, requires_grad=True)
+    graphed_rnn(rnn, x)                          # captured; what follows is a replay
+    torch.manual_seed(3)
+    got = graphed_rnn(rnn, x)
+    torch.manual_seed(3)
+    want = context_rnn(rnn, x, cuda_graphs=False)  # eager, the same masks
+    cotangent = torch.randn_like(want)
+    inputs = [x, *rnn.parameters()]
+    for g_got, g_want in zip(torch.autograd.grad(got, inputs, cotangent), torch.autograd.grad(want, inputs, cotangent)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
+def test_graphed_rnn_reads_weights_updated_in_place():
+    """The optimizer updates the weights in place between replays: no snapshot in the graphs."""
+    rnn = _rnn()
+    module = copy.deepcopy(rnn)
+    module.flatten_parameters()
+    x = torch.randn(5, 3, 12, device=CUDA, requires_grad=True)
+    graphed_rnn(rnn, x)
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    module.load_state_dict(rnn.state_dict())
+    got, want = graphed_rnn(rnn, x), module(x)[0]
+    assert len(_GRAPHS[rnn].shapes) == 1          # replayed, not captured again
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    cotangent = torch.randn_like(want)
+    for g_got, g_want in zip(torch.autograd.grad(got, [x, *rnn.parameters()], cotangent),
+                             torch.autograd.grad(want, [x, *module.parameters()], cotangent)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
+def test_dgs_training_with_cuda_graphs_matches_the_eager_rnn(iemocap_dir):
+    """Several DGS steps that change the weights, over batches of different shapes, each seen
+    twice (captured, then replayed): the same weights at the end with and without the graphs."""
+    model, _ = _model_and_batch(iemocap_dir, "IEMOCAP", dropout=0.0)
+    batches = list(make_loaders(load_conversations("IEMOCAP", iemocap_dir), 2, shuffle_train=False)["train"])[:3]
+    assert len({b.text.shape for b in batches}) > 1
+    trained = {}
+    for graphs in (True, False):
+        gpu_model = M3Net(model.cfg)
+        gpu_model.load_state_dict(model.state_dict())
+        gpu_model.to(CUDA).cuda_graphs = graphs
+        step = DGSStep(gpu_model, torch.optim.SGD(gpu_model.parameters(), lr=0.01), torch.nn.NLLLoss(),
+                       DGSSettings(modulation="OGM", pareto_gamma=0.2))
+        for batch in batches + batches:
+            step(batch.to(CUDA), modulation_on=True)
+        assert (gpu_model.gru_l in _GRAPHS) is graphs
+        trained[graphs] = {n: p.detach().cpu() for n, p in gpu_model.named_parameters()}
+    for n, p in trained[False].items():
+        assert not torch.equal(p, model.state_dict()[n]) or "gru_l" not in n, n   # the GRU did learn
+        scale = p.abs().max().item() + 1e-12
+        assert (trained[True][n] - p).abs().max().item() <= 1e-4 * scale + 1e-6, n
