@@ -67,14 +67,11 @@ def layered_rnn(rnn: nn.GRU | nn.LSTM, x: torch.Tensor, weights: list[torch.Tens
     distribution only (cuDNN's own dropout draws other masks); exactly so on the CPU. `weights`:
     stand-ins for `rnn.parameters()`, in their order (per layer, per direction: w_ih, w_hh,
     b_ih, b_hh)."""
-    weights = list(rnn.parameters()) if weights is None else weights
     directions = 2 if rnn.bidirectional else 1
-    per_layer = len(weights) // rnn.num_layers
     zeros = x.new_zeros(directions, x.shape[1], rnn.hidden_size)
-    for layer in range(rnn.num_layers):
+    for layer, layer_weights in enumerate(_per_layer(rnn, weights)):
         if layer > 0:
             x = F.dropout(x, rnn.dropout, rnn.training)
-        layer_weights = weights[layer * per_layer:(layer + 1) * per_layer]
         if isinstance(rnn, nn.LSTM):
             x = torch.lstm(x, (zeros, zeros), layer_weights, True, 1, 0.0, rnn.training, rnn.bidirectional, False)[0]
         else:
@@ -93,21 +90,25 @@ def graphed_rnn(rnn: nn.GRU | nn.LSTM, x: torch.Tensor) -> torch.Tensor:
     return _Replay.apply(shape, graphs, x, *graphs.params)
 
 
+def _per_layer(rnn: nn.GRU | nn.LSTM, weights: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
+    """`weights` (default: `rnn.parameters()`, in their order) split into the layers' lists."""
+    weights = list(rnn.parameters()) if weights is None else weights
+    per_layer = len(weights) // rnn.num_layers
+    return [weights[layer * per_layer:(layer + 1) * per_layer] for layer in range(rnn.num_layers)]
+
+
 def _flatten_per_layer(rnn: nn.GRU | nn.LSTM) -> None:
     """Give each layer's parameters a cuDNN weight buffer of their own, as nn.GRU does for all
     layers together (`flatten_parameters`). A one-layer cuDNN call then reads its weights where
     they are; otherwise cuDNN packs them into a new buffer on every call, which a graph keeps
     for its backward: one copy of the layer's weights (19 MB for M3Net's GRU) per shape."""
-    weights = list(rnn.parameters())
-    per_layer = len(weights) // rnn.num_layers
     directions = 2 if rnn.bidirectional else 1
     with torch.no_grad():
-        for layer in range(rnn.num_layers):
+        for layer, layer_weights in enumerate(_per_layer(rnn)):
             input_size = rnn.input_size if layer == 0 else rnn.hidden_size * directions
             try:
-                torch._cudnn_rnn_flatten_weight(weights[layer * per_layer:(layer + 1) * per_layer], 4, input_size,
-                                                cudnn_rnn.get_cudnn_mode(rnn.mode), rnn.hidden_size, 0, 1, False,
-                                                rnn.bidirectional)
+                torch._cudnn_rnn_flatten_weight(layer_weights, 4, input_size, cudnn_rnn.get_cudnn_mode(rnn.mode),
+                                                rnn.hidden_size, 0, 1, False, rnn.bidirectional)
             except (RuntimeError, TypeError, AttributeError):   # no cuDNN here: it packs the weights instead
                 return
 
@@ -129,8 +130,8 @@ class _RNNGraphs:
         _flatten_per_layer(rnn)
         self.params = list(rnn.parameters())
         self.param_ptrs = [p.data_ptr() for p in self.params]
-        self.grads = torch.empty(sum(p.numel() for p in self.params), dtype=self.params[0].dtype,
-                                 device=self.params[0].device)
+        self.sizes = [p.numel() for p in self.params]
+        self.grads = self.params[0].new_empty(sum(self.sizes))
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(self.params[0].device)
         self.shapes: dict[tuple, _ShapeGraphs] = {}
@@ -201,7 +202,7 @@ class _Replay(torch.autograd.Function):
                                "(or turn the graphs off: --no-cuda-graphs)")
         shape.grad_y.copy_(grad_y)
         shape.backward.replay()
-        grads = graphs.grads.clone().split([p.numel() for p in graphs.params])
+        grads = graphs.grads.clone().split(graphs.sizes)
         return None, None, shape.grad_x.clone(), *(g.view_as(p) for g, p in zip(grads, graphs.params))
 
 
