@@ -2,91 +2,51 @@
 
 PyTorch's CPU `nn.GRU` backward is autograd over the unrolled cell: at every time step it forms a
 full [3H, H] weight gradient and adds it to the running sum, so the backward reads and writes the
-recurrent weights several times per step. Here the backward loop carries only the hidden-state
-gradient (one matrix product per step, both directions at once); the weight gradients are one
-large product over all time steps at the end, and the input projection of every step is one
-product before the loop. Parameters are those of the `nn.GRU` passed in (checkpoint names and
-initialisation unchanged). Equations per direction, gates ordered (r, z, n) as in `nn.GRU`:
+recurrent weights several times per step. Here the whole stack is one autograd Function: its
+backward loop carries only the hidden-state gradient (one matrix product per step, both
+directions at once); the weight gradients are one large product over all time steps at the end,
+and the input projection of every step is one product before the loop. Parameters are those of
+the `nn.GRU` passed in (checkpoint names and initialisation unchanged). Equations per direction,
+gates ordered (r, z, n) as in `nn.GRU`:
 
     r_t = σ(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)
     z_t = σ(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)
     n_t = tanh(W_in x_t + b_in + r_t ⊙ (W_hn h_{t-1} + b_hn))
     h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}
+
+Two backward passes in one. A DGS step differentiates the encoders twice, for L_mm and for ΣL_m
+(utils/dgs.py). On the CPU the backward recurrence is bound by reading W_hh (6 MB at M3Net's
+sizes) for a product with only B rows at every step, so a second cotangent, carried as more rows
+of the same products, costs far less than a second pass. `expect_cotangent(output, c)` tells the
+GRU that computed `output` the cotangent c of a later backward pass: the next backward pass
+through it computes the gradients for both, and the pass that brings c gets the kept ones.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model.padding import expand_rows, project_steps
+from model.padding import expand_rows
+
+WEIGHTS_PER_LAYER = 8    # W_ih, b_ih, W_hh, b_hh, each forward and reverse
 
 
-class _BidirectionalRecurrence(torch.autograd.Function):
-    """The recurrent part of one bidirectional layer.
+@dataclass(frozen=True)
+class _Plan:
+    """What the GRU's Function needs besides its differentiable inputs."""
+    num_layers: int
+    dropout: float                     # on the input of every layer after the first, when training
+    training: bool
+    step_rows: torch.Tensor | None     # the input is distinct rows [R, D], step (t, b) reading row step_rows[t, b]
+    read_rows: torch.Tensor | None     # steps t·B + b whose last-layer forward output is read; None: all
 
-    gi:   [T, 2, B, 3H] input projections W_i x_t + b_i, direction 1 already reversed in time
-    w_hh: [2, 3H, H], b_hh: [2, 3H]
-    forward_rows: None, or the steps t·B + b whose direction-0 outputs are read, when no other
-          is: the others then get a zero gradient, and W_hh's is summed over these rows only.
-    returns h_1..h_T: [T, 2, B, H] (direction 1 in its own, reversed, time order)
-    """
 
-    @staticmethod
-    def forward(ctx, gi: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor,
-                forward_rows: torch.Tensor | None) -> torch.Tensor:
-        steps, dirs, batch, three_h = gi.shape
-        hidden = three_h // 3
-        w_t = w_hh.transpose(1, 2).contiguous()       # a transposed view makes bmm copy it every step
-        bias = b_hh[:, None, :].expand(dirs, batch, three_h)
-        states = gi.new_zeros(steps + 1, dirs, batch, hidden)            # h_0 = 0, then h_1..h_T
-        gates = gi.new_empty(steps, dirs, batch, three_h)                # r, z, n per step
-        hn = gi.new_empty(steps, dirs, batch, hidden)                    # W_hn h_{t-1} + b_hn
-        for t in range(steps):
-            gh = torch.baddbmm(bias, states[t], w_t)
-            rz, n = gates[t].split([2 * hidden, hidden], -1)
-            torch.sigmoid(gi[t, ..., : 2 * hidden] + gh[..., : 2 * hidden], out=rz)
-            r, z = rz.chunk(2, -1)
-            hn[t] = gh[..., 2 * hidden:]
-            torch.tanh(torch.addcmul(gi[t, ..., 2 * hidden:], r, hn[t]), out=n)
-            torch.addcmul(n, z, states[t] - n, out=states[t + 1])
-        ctx.save_for_backward(w_hh, states, gates, hn)
-        ctx.forward_rows = forward_rows
-        return states[1:]
-
-    @staticmethod
-    def backward(ctx, grad_states: torch.Tensor):
-        w_hh, states, gates, hn = ctx.saved_tensors
-        steps, dirs, batch, hidden = grad_states.shape
-        grad_gi = gates.new_empty(steps, dirs, batch, 3 * hidden)       # ∂/∂(W_i x + b_i)
-        grad_gh = gates.new_empty(dirs, steps, batch, 3 * hidden)       # ∂/∂(W_h h + b_h), per direction
-        grad_h = torch.zeros_like(grad_states[0])
-        for t in reversed(range(steps)):
-            grad_h = grad_h + grad_states[t]
-            r, z, n = gates[t].chunk(3, -1)
-            h_prev = states[t]
-            d_r, d_z, d_n = grad_gi[t].chunk(3, -1)
-            # n_t: through (1 - z) ⊙ n, then tanh'
-            torch.mul(grad_h * (1 - z), 1 - n * n, out=d_n)
-            # z_t: h_t = n + z ⊙ (h_{t-1} - n), then σ'
-            torch.mul(grad_h * (h_prev - n), z * (1 - z), out=d_z)
-            # r_t: enters n through r ⊙ hn, then σ'
-            torch.mul(d_n * hn[t], r * (1 - r), out=d_r)
-            gh_rz, gh_n = grad_gh[:, t].split([2 * hidden, hidden], -1)
-            gh_rz.copy_(grad_gi[t, ..., : 2 * hidden])
-            torch.mul(d_n, r, out=gh_n)
-            grad_h = torch.baddbmm(grad_h * z, grad_gh[:, t], w_hh)
-        # Weight gradients over all steps at once: Σ_t ∂gh_tᵀ h_{t-1}, rows t·B + b.
-        flat_gh = grad_gh.view(dirs, steps * batch, 3 * hidden)
-        flat_h = states[:-1].transpose(0, 1).reshape(dirs, steps * batch, hidden)
-        rows = ctx.forward_rows
-        if rows is None:
-            grad_w_hh = torch.bmm(flat_gh.transpose(1, 2), flat_h)
-        else:
-            # ∂gh is exactly 0 in direction 0 past each dialogue's end: no step there is read.
-            grad_w_hh = torch.stack([flat_gh[0, rows].T @ flat_h[0, rows], flat_gh[1].T @ flat_h[1]])
-        grad_b_hh = grad_gh.sum((1, 2))
-        return grad_gi, grad_w_hh, grad_b_hh, None
+def _layer_weights(gru: nn.GRU, layer: int) -> list[nn.Parameter]:
+    names = [f"l{layer}", f"l{layer}_reverse"]
+    return [getattr(gru, f"{kind}_{name}") for kind in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
+            for name in names]
 
 
 def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | None = None,
@@ -101,29 +61,216 @@ def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | N
     projection, its W_hh gradient): its outputs at the padding are read by no later step, so they
     are left unspecified. The reverse direction still starts at the last padded step.
     """
-    hidden = gru.hidden_size
-    for layer in range(gru.num_layers):
-        if layer > 0:
-            x = F.dropout(x, gru.dropout, gru.training)
-        names = [f"l{layer}", f"l{layer}_reverse"]
-        w_ih = torch.cat([getattr(gru, f"weight_ih_{n}") for n in names])            # [6H, D]
-        b_ih = torch.cat([getattr(gru, f"bias_ih_{n}") for n in names])
-        w_hh = torch.stack([getattr(gru, f"weight_hh_{n}") for n in names])          # [2, 3H, H]
-        b_hh = torch.stack([getattr(gru, f"bias_hh_{n}") for n in names])
-        if layer == 0 and step_rows is not None:
-            forward_gi, reverse_gi = expand_rows(F.linear(x, w_ih, b_ih), step_rows).chunk(2, -1)
-        elif real_steps is not None and layer == gru.num_layers - 1:
-            three_h = 3 * hidden
-            forward_gi = project_steps(lambda rows: F.linear(rows, w_ih[:three_h], b_ih[:three_h]),
-                                       x, real_steps)                                      # [T, B, 3H]
-            reverse_gi = F.linear(x, w_ih[three_h:], b_ih[three_h:])
+    steps, batch = (x.shape[:2] if step_rows is None else step_rows.shape)
+    read_rows = None if real_steps is None else real_steps % steps * batch + real_steps // steps   # -> t·B + b
+    plan = _Plan(gru.num_layers, gru.dropout, gru.training, step_rows, read_rows)
+    weights = [w for layer in range(gru.num_layers) for w in _layer_weights(gru, layer)]
+    return _BidirectionalGRU.apply(plan, x, *weights)
+
+
+def expect_cotangent(output: torch.Tensor, cotangent: torch.Tensor) -> bool:
+    """Tell the GRU that computed `output` (`bidirectional_gru`) the cotangent of a later backward
+    pass: the next pass through it then computes that pass's gradients too, and keeps them for it.
+    False, and nothing done, for a tensor from anything else."""
+    node = output.grad_fn
+    if not isinstance(node, _BidirectionalGRU._backward_cls):
+        return False
+    node.next_cotangent = cotangent
+    return True
+
+
+class _BidirectionalGRU(torch.autograd.Function):
+    """All layers of a bidirectional GRU: input projections, recurrences, dropout between layers."""
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        inputs, layers = x, []
+        for layer in range(plan.num_layers):
+            w_ih, b_ih, w_hh, b_hh = _pairs(weights, layer)
+            mask = None
+            if layer > 0 and plan.training and plan.dropout > 0:
+                # F.dropout's mask, drawn as it draws it: the same masks for the same seed.
+                mask = (torch.zeros_like(x) if plan.dropout == 1 else
+                        torch.empty_like(x).bernoulli_(1 - plan.dropout).div_(1 - plan.dropout))
+                x = x * mask
+            step_rows = plan.step_rows if layer == 0 else None
+            read_rows = plan.read_rows if layer == plan.num_layers - 1 else None
+            gi_forward = _project(x, w_ih[0], b_ih[0], step_rows, read_rows)
+            gi_reverse = _project(x, w_ih[1], b_ih[1], step_rows, None)
+            states, gates, gh = _recurrence(torch.stack([gi_forward, gi_reverse.flip(0)], dim=1), w_hh, b_hh)
+            layers.append((x if layer > 0 else None, mask, states, gates, gh))
+            x = torch.cat([states[1:, 0], states[1:, 1].flip(0)], dim=-1)
+        ctx.save_for_backward(inputs, *weights)
+        ctx.plan, ctx.layers = plan, layers
+        ctx.next_cotangent, ctx.kept = None, None
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.kept is not None:
+            cotangent, grads = ctx.kept
+            ctx.kept = None
+            if grad_output is cotangent or torch.equal(grad_output, cotangent):
+                return (None, *grads)
+        lanes = [grad_output] if ctx.next_cotangent is None else [grad_output, ctx.next_cotangent]
+        per_lane = _backward(ctx, torch.stack(lanes, dim=2))
+        if len(lanes) == 2:
+            ctx.kept, ctx.next_cotangent = (lanes[1], per_lane[1]), None
+        return (None, *per_lane[0])
+
+
+def _pairs(weights, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(forward, reverse) pairs of W_ih, b_ih, W_hh, b_hh of one layer."""
+    own = weights[WEIGHTS_PER_LAYER * layer: WEIGHTS_PER_LAYER * (layer + 1)]
+    return [(own[i], own[i + 1]) for i in range(0, WEIGHTS_PER_LAYER, 2)]
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, step_rows: torch.Tensor | None,
+             read_rows: torch.Tensor | None) -> torch.Tensor:
+    """W x_t + b for every step: [T, B, 3H]; with read_rows, at those steps only (0 elsewhere)."""
+    if step_rows is not None:
+        return expand_rows(torch.addmm(bias, x, weight.t()), step_rows)
+    if read_rows is None:
+        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:2], -1)
+    flat = x.new_zeros(x.shape[0] * x.shape[1], weight.shape[0])
+    flat.index_copy_(0, read_rows, torch.addmm(bias, x.reshape(-1, x.shape[-1])[read_rows], weight.t()))
+    return flat.view(*x.shape[:2], -1)
+
+
+def _recurrence(gi: torch.Tensor, w_hh: tuple[torch.Tensor, torch.Tensor], b_hh: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both directions of one layer. gi [T, 2, B, 3H]: W_i x_t + b_i, direction 1 reversed in time.
+
+    Returns h_0..h_T [T+1, 2, B, H] (h_0 = 0; direction 1 in its own time order), the gates
+    (r, z, n) [T, 2, B, 3H] and W_h h_{t-1} + b_h [T, 2, B, 3H].
+    """
+    steps, dirs, batch, three_h = gi.shape
+    hidden = three_h // 3
+    # W_hᵀ per direction: bmm copies a transposed operand at every step; a 2-D copy_ of a
+    # transpose is the fast one.
+    w_t = gi.new_empty(dirs, hidden, three_h)
+    for d in range(dirs):
+        w_t[d].copy_(w_hh[d].t())
+    bias = torch.stack(b_hh)[:, None, :].expand(dirs, batch, three_h)
+    states = gi.new_zeros(steps + 1, dirs, batch, hidden)
+    gates = gi.new_empty(steps, dirs, batch, three_h)
+    gh = gi.new_empty(steps, dirs, batch, three_h)
+    for t in range(steps):
+        torch.baddbmm(bias, states[t], w_t, out=gh[t])
+        rz, n = gates[t].split([2 * hidden, hidden], -1)
+        torch.add(gi[t, ..., : 2 * hidden], gh[t, ..., : 2 * hidden], out=rz).sigmoid_()
+        r, z = rz.chunk(2, -1)
+        torch.tanh(torch.addcmul(gi[t, ..., 2 * hidden:], r, gh[t, ..., 2 * hidden:]), out=n)
+        torch.lerp(n, states[t], z, out=states[t + 1])
+    return states, gates, gh
+
+
+def _backward(ctx, grad_output: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Gradients in the Function's input order (x, then the weights), for each of the K cotangents
+    in grad_output [T, B, K, 2H]: K lists. The cotangents share every matrix product as rows."""
+    plan = ctx.plan
+    inputs, *weights = ctx.saved_tensors
+    lanes = grad_output.shape[2]
+    grads: list[list[torch.Tensor | None]] = [[None] * len(weights) for _ in range(lanes)]
+    grad_x = grad_output
+    for layer in reversed(range(plan.num_layers)):
+        x, mask, states, gates, gh = ctx.layers[layer]
+        x = inputs if layer == 0 else x
+        w_ih, _, w_hh, _ = _pairs(weights, layer)
+        hidden = w_hh[0].shape[1]
+        step_rows = plan.step_rows if layer == 0 else None
+        read_rows = plan.read_rows if layer == plan.num_layers - 1 else None
+        grad_states = torch.stack([grad_x[..., :hidden], grad_x[..., hidden:].flip(0)], dim=1)   # [T, 2, B, K, H]
+        grad_gi, grad_w_hh, grad_b_hh = _recurrence_backward(grad_states, torch.stack(w_hh), states, gates, gh,
+                                                             read_rows)
+        # The reverse direction's rows are in reversed time: pair them with the input reversed.
+        # With distinct rows the projection was computed at every step (`_project`).
+        grad_x, grad_w_ih, grad_b_ih = _projection_backward(
+            [grad_gi[0], grad_gi[1]], x, w_ih, [step_rows, None if step_rows is None else step_rows.flip(0)],
+            [read_rows if step_rows is None else None, None])
+        if mask is not None:
+            grad_x = grad_x * mask.unsqueeze(-2)
+        start = WEIGHTS_PER_LAYER * layer
+        for k in range(lanes):
+            grads[k][start: start + WEIGHTS_PER_LAYER] = [*grad_w_ih[k], *grad_b_ih[k], *grad_w_hh[k], *grad_b_hh[k]]
+    return [[grad_x[..., k, :], *grads[k]] for k in range(lanes)]
+
+
+def _recurrence_backward(grad_states: torch.Tensor, w_hh: torch.Tensor, states: torch.Tensor, gates: torch.Tensor,
+                         gh: torch.Tensor, read_rows: torch.Tensor | None):
+    """Backward of `_recurrence` for K cotangents at once.
+
+    grad_states [T, 2, B, K, H] (direction 1 in its own time order), w_hh [2, 3H, H].
+    read_rows: steps t·B + b of direction 0 whose outputs are read; at all others its gradient
+    is exactly 0 (no read step comes after them), so W_hh's gradient is summed over these only.
+    Returns ∂(W_i x + b_i) [2, T, B, K, 3H], and per cotangent ∂W_hh and ∂b_hh of both directions.
+    """
+    steps, dirs, batch, lanes, hidden = grad_states.shape
+    three_h = 3 * hidden
+    r, z, n = gates.unsqueeze(3).chunk(3, -1)                  # [T, 2, B, 1, H]: shared by the cotangents
+    h_prev = states[:-1].unsqueeze(3)
+    # The cell's derivatives that do not depend on the cotangent, for all steps at once.
+    dn_dh = (1 - z) * (1 - n * n)                              # ∂h_t → pre-tanh of n_t
+    dz_dh = (h_prev - n) * z * (1 - z)                         # ∂h_t → pre-σ of z_t
+    dr_dn = gh[..., 2 * hidden:].unsqueeze(3) * r * (1 - r)    # pre-tanh of n_t → pre-σ of r_t
+    grad_gi = grad_states.new_empty(dirs, steps, batch, lanes, three_h)     # ∂(W_i x + b_i)
+    grad_gh = grad_states.new_empty(dirs, steps, batch, lanes, three_h)     # ∂(W_h h + b_h)
+    grad_h = grad_states.new_zeros(dirs, batch, lanes, hidden)
+    for t in reversed(range(steps)):
+        grad_h += grad_states[t]
+        d_r, d_z, d_n = grad_gi[:, t].chunk(3, -1)
+        torch.mul(grad_h, dn_dh[t], out=d_n)
+        torch.mul(grad_h, dz_dh[t], out=d_z)
+        torch.mul(d_n, dr_dn[t], out=d_r)
+        gh_rz, gh_n = grad_gh[:, t].split([2 * hidden, hidden], -1)
+        gh_rz.copy_(grad_gi[:, t, ..., : 2 * hidden])
+        torch.mul(d_n, r[t], out=gh_n)
+        grad_h = torch.baddbmm((grad_h * z[t]).view(dirs, batch * lanes, hidden),
+                               grad_gh[:, t].view(dirs, batch * lanes, three_h), w_hh).view_as(grad_h)
+    # Weight gradients: Σ_t ∂gh_tᵀ h_{t-1} over the rows t·B + b, per cotangent.
+    flat_gh = grad_gh.view(dirs, steps * batch, lanes, three_h)
+    flat_h = [states[:-1, d].reshape(steps * batch, hidden) for d in range(dirs)]
+    rows = [read_rows, None]
+    grad_w_hh, grad_b_hh = [], []
+    for k in range(lanes):
+        g = [flat_gh[d, :, k] if rows[d] is None else flat_gh[d, rows[d], k] for d in range(dirs)]
+        grad_w_hh.append([g[d].T @ (flat_h[d] if rows[d] is None else flat_h[d][rows[d]]) for d in range(dirs)])
+        grad_b_hh.append([flat_gh[d, :, k].sum(0) for d in range(dirs)])
+    return grad_gi, grad_w_hh, grad_b_hh
+
+
+def _projection_backward(grad_gi: list[torch.Tensor], x: torch.Tensor, w_ih: tuple[torch.Tensor, torch.Tensor],
+                         step_rows: list[torch.Tensor | None], read_rows: list[torch.Tensor | None]):
+    """Backward of the input projections of both directions.
+
+    grad_gi: per direction [T, B, K, 3H], its steps in the order of `step_rows[d]` (when x is
+    distinct rows) or of x itself; direction 1 is reversed in time, so its x (or step_rows) is.
+    read_rows[d]: the only steps with a nonzero gradient (`_project`).
+    Returns ∂x [*x.shape[:-1], K, D], and per cotangent ∂W_ih and ∂b_ih of both directions.
+    """
+    lanes, three_h = grad_gi[0].shape[-2:]
+    grad_x = x.new_zeros(*x.shape[:-1], lanes, x.shape[-1])
+    flat_grad_x = grad_x.view(-1, lanes, x.shape[-1])
+    grad_w = [[None, None] for _ in range(lanes)]
+    grad_b = [[None, None] for _ in range(lanes)]
+    for d, g in enumerate(grad_gi):
+        g = g.reshape(-1, lanes, three_h)                      # [T·B, K, 3H]
+        if d == 1 and step_rows[d] is None:
+            inputs = x.flip(0).reshape(-1, x.shape[-1])
         else:
-            forward_gi, reverse_gi = F.linear(x, w_ih, b_ih).chunk(2, -1)
-        gi = torch.stack([forward_gi, reverse_gi.flip(0)], dim=1)                   # [T, 2, B, 3H]
-        forward_rows = None
-        if real_steps is not None and layer == gru.num_layers - 1:
-            steps, batch = gi.shape[0], gi.shape[2]
-            forward_rows = real_steps % steps * batch + real_steps // steps            # b·T + t -> t·B + b
-        states = _BidirectionalRecurrence.apply(gi, w_hh, b_hh, forward_rows)
-        x = torch.cat([states[:, 0], states[:, 1].flip(0)], dim=-1)
-    return x
+            inputs = x.reshape(-1, x.shape[-1])
+        if step_rows[d] is not None:                           # steps sharing a row: their gradients add up
+            g = g.new_zeros(x.shape[0], lanes, three_h).index_add_(0, step_rows[d].reshape(-1), g)
+        if read_rows[d] is not None:
+            g, inputs = g[read_rows[d]], inputs[read_rows[d]]
+        for k in range(lanes):
+            grad_w[k][d] = g[:, k].T @ inputs
+            grad_b[k][d] = g[:, k].sum(0)
+        dx = (g.reshape(-1, three_h) @ w_ih[d]).view(-1, lanes, x.shape[-1])
+        if read_rows[d] is not None:
+            flat_grad_x.index_add_(0, read_rows[d], dx)
+        elif d == 1 and step_rows[d] is None:
+            grad_x += dx.view_as(grad_x).flip(0)
+        else:
+            flat_grad_x += dx
+    return grad_x, grad_w, grad_b

@@ -4,7 +4,8 @@ import torch
 from torch.testing import assert_close
 
 from model.cuda_graphs import can_graph, layered_rnn
-from model.rnn import bidirectional_gru
+from model import rnn
+from model.rnn import bidirectional_gru, expect_cotangent
 
 
 def _gru(input_size: int, hidden: int, layers: int, dropout: float = 0.0) -> torch.nn.GRU:
@@ -88,6 +89,55 @@ def test_distinct_rows_give_nn_grus_output_and_gradients():
     want, got = gru(x)[0], bidirectional_gru(gru, rows, step_rows=step_rows)
     assert got.shape == (4, 3, 6)
     _assert_same_function(got, want, [rows, *gru.parameters()])
+
+
+def _count_lanes(monkeypatch) -> list[int]:
+    """The number of cotangents of each backward run of the GRU, from now on."""
+    lanes, real = [], rnn._backward
+    monkeypatch.setattr(rnn, "_backward", lambda ctx, g: (lanes.append(g.shape[2]), real(ctx, g))[1])
+    return lanes
+
+
+def _two_passes(gru, x, cotangents, expect: bool):
+    """Gradients of both cotangents' backward passes (x and every parameter)."""
+    torch.manual_seed(1)
+    out = bidirectional_gru(gru, x, real_steps=torch.tensor([0, 1, 2, 3, 4, 5, 7, 8]))
+    if expect:
+        assert expect_cotangent(out, cotangents[1])
+    inputs = [x, *gru.parameters()]
+    first = torch.autograd.grad(out, inputs, cotangents[0], retain_graph=True)
+    return first, torch.autograd.grad(out, inputs, cotangents[1])
+
+
+def test_an_expected_cotangent_is_computed_in_the_first_pass_with_the_same_gradients(monkeypatch):
+    gru = _gru(4, 3, 2, dropout=0.3)                        # dropout: both passes see the same masks
+    x = torch.randn(6, 2, 4, dtype=torch.double, requires_grad=True)
+    cotangents = torch.randn(2, 6, 2, 6, dtype=torch.double)
+    cotangents[:, 4:, 1] = 0                                # the real steps: 6 of dialogue 0, 2 of dialogue 1
+    cotangents[:, 2:4, 1, :3] = 0
+    lanes = _count_lanes(monkeypatch)
+    want = _two_passes(gru, x, cotangents, expect=False)
+    got = _two_passes(gru, x, cotangents, expect=True)
+    assert lanes == [1, 1, 2]                               # the second pass took the kept gradients
+    for w, g in zip(want, got):
+        for a, b in zip(w, g):
+            assert_close(b, a, rtol=0, atol=1e-12)
+
+
+def test_a_pass_with_another_cotangent_than_the_expected_one_is_computed_afresh(monkeypatch):
+    gru = _gru(4, 3, 2)
+    x = torch.randn(6, 2, 4, dtype=torch.double, requires_grad=True)
+    announced, used = torch.randn(6, 2, 6, dtype=torch.double), torch.randn(6, 2, 6, dtype=torch.double)
+    lanes = _count_lanes(monkeypatch)
+    out = bidirectional_gru(gru, x)
+    assert expect_cotangent(out, announced)
+    torch.autograd.grad(out, [x], torch.ones_like(out), retain_graph=True)
+    got = torch.autograd.grad(out, [x, *gru.parameters()], used)
+    want = torch.autograd.grad(gru(x)[0], [x, *gru.parameters()], used)
+    assert lanes == [2, 1]
+    for a, b in zip(want, got):
+        assert_close(b, a, rtol=0, atol=1e-11)
+    assert not expect_cotangent(gru(x)[0], announced)         # nn.GRU's own output: nothing to tell
 
 
 # model/cuda_graphs.py captures the GPU's context RNN one layer per cuDNN call, F.dropout between

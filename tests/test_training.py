@@ -10,7 +10,7 @@ import torch
 from dataloader.datasets import load_conversations
 from dataloader.loaders import make_loaders
 from model import M3Net, ModelConfig
-from model import graph
+from model import graph, rnn
 from utils import dgs
 from utils import main as entry
 from utils.dgs import DGSSettings, DGSStep, modality_scores, utterance_labels
@@ -51,19 +51,23 @@ def _step_grads(data, batch, settings, seed=0):
     model = M3Net(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)    # lr 0: the step leaves the gradients to inspect
     step = DGSStep(model, opt, torch.nn.NLLLoss(), settings)
-    calls = []
-    real_grad = torch.autograd.grad
+    calls, gru_lanes = [], []
+    real_grad, real_gru_backward = torch.autograd.grad, rnn._backward
 
     def counting_grad(*a, **k):
         calls.append(1)
         return real_grad(*a, **k)
 
-    torch.autograd.grad = counting_grad
+    def counting_gru_backward(ctx, grad_output):
+        gru_lanes.append(grad_output.shape[2])
+        return real_gru_backward(ctx, grad_output)
+
+    torch.autograd.grad, rnn._backward = counting_grad, counting_gru_backward
     try:
         stats = step(batch, modulation_on=True)
     finally:
-        torch.autograd.grad = real_grad
-    return model, stats, len(calls)
+        torch.autograd.grad, rnn._backward = real_grad, real_gru_backward
+    return model, stats, len(calls), gru_lanes
 
 
 def _reference_grads(model, batch):
@@ -79,8 +83,10 @@ def _reference_grads(model, batch):
 
 def test_dgs_step_gradients_follow_the_spec(small_batch):
     data, batch = small_batch
-    model, stats, backward_calls = _step_grads(data, batch, DGSSettings(modulation="OGM", pareto_gamma=0.5))
-    assert backward_calls == 2
+    model, stats, backward_calls, gru_lanes = _step_grads(data, batch, DGSSettings(modulation="OGM", pareto_gamma=0.5))
+    # Two passes: ∂ΣL_m, and ∂L_mm in two calls split at the encoder outputs; the text GRU's
+    # backward runs once, for both cotangents.
+    assert backward_calls == 3 and gru_lanes == [2]
     out, labels, g_mm, g_u = _reference_grads(model, batch)
     groups = model.encoder_groups()
     scores = modality_scores(model, out, labels)
@@ -117,8 +123,9 @@ def test_coalitions_in_chunks_give_the_same_scores_as_one_pass(small_batch, monk
 
 def test_plain_step_is_one_backward_of_the_summed_loss(small_batch):
     data, batch = small_batch
-    model, stats, backward_calls = _step_grads(data, batch, DGSSettings(pareto=False, shapley=False, modulation="Normal"))
-    assert backward_calls == 1
+    model, stats, backward_calls, gru_lanes = _step_grads(data, batch, DGSSettings(pareto=False, shapley=False,
+                                                                                 modulation="Normal"))
+    assert backward_calls == 1 and gru_lanes == [1]
     assert "shapley" not in stats and "cos" not in stats
     _, _, g_mm, g_u = _reference_grads(model, batch)
     w = model.linear_a.weight

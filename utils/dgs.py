@@ -20,6 +20,7 @@ from torch.profiler import record_function
 
 from dataloader.batch import Batch
 from model.m3net import M3Net, ModelOutput
+from model.rnn import expect_cotangent
 from utils.losses import unimodal_losses
 from utils.modulation import ogm_coefficients
 from utils.shaping import shape_group
@@ -78,6 +79,8 @@ class DGSStep:
         self.encoder_params = [p for m in self.modalities for p in self.groups[m]]
         self.head_params = model.head_parameters()
         self.unimodal_params = self.encoder_params + self.head_params
+        unimodal = set(map(id, self.unimodal_params))
+        self.fusion_params = [p for p in self.params if id(p) not in unimodal]     # graph, classifier
 
     def __call__(self, batch: Batch, modulation_on: bool) -> dict[str, torch.Tensor]:
         s = self.settings
@@ -98,7 +101,7 @@ class DGSStep:
                 stats["coeff"] = coeff
 
         with record_function("dgs.backward"):
-            grads, g_uni = self._backward(loss_mm, sum(loss_uni.values()))
+            grads, g_uni = self._backward(loss_mm, sum(loss_uni.values()), list(out.encoded.values()))
         with record_function("dgs.shaping"):
             cosines = self.shape(grads, g_uni, coeff)
             if cosines:
@@ -124,7 +127,7 @@ class DGSStep:
             grads.update((id(p), g.view_as(p)) for p, g in zip(group, flat.split(self.group_sizes[m])))
         return cosines
 
-    def _backward(self, loss_mm: torch.Tensor, loss_uni: torch.Tensor
+    def _backward(self, loss_mm: torch.Tensor, loss_uni: torch.Tensor, encoded: list[torch.Tensor]
                   ) -> tuple[dict[int, torch.Tensor | None], dict[int, torch.Tensor | None] | None]:
         """Gradients keyed by parameter id, and, for MMPareto, the unimodal ones apart.
 
@@ -134,11 +137,22 @@ class DGSStep:
         """
         if not self.settings.pareto:
             return _named(self.params, torch.autograd.grad(loss_mm + loss_uni, self.params, allow_unused=True)), None
-        # The unimodal pass first: it keeps the graph alive for the second, which frees the
-        # activations as it goes (the other order holds them all until the very end).
+        # The ∂L_mm pass in two halves, split at the encoder outputs z_m: the fusion's gradients
+        # and ∂L_mm/∂z_m first (that half stops at the z_m and frees what it went through), the
+        # encoders' last. In between the ∂ΣL_m pass, which keeps the encoders' graph for the last
+        # half. Told ∂L_mm/∂z_m ahead, a CPU GRU encoder runs both of its backward recurrences
+        # during that pass, as one (model/rnn.py).
+        n_fusion = len(self.fusion_params)
+        fusion_and_z = torch.autograd.grad(loss_mm, self.fusion_params + encoded, allow_unused=True)
+        g_mm = _named(self.fusion_params, fusion_and_z[:n_fusion])
+        z_and_cotangent = [(z, dz) for z, dz in zip(encoded, fusion_and_z[n_fusion:]) if dz is not None]
+        for z, dz in z_and_cotangent:
+            expect_cotangent(z, dz)
         g_uni = _named(self.unimodal_params, torch.autograd.grad(loss_uni, self.unimodal_params, retain_graph=True,
                                                                  allow_unused=True))
-        g_mm = _named(self.params, torch.autograd.grad(loss_mm, self.params, allow_unused=True))
+        zs, cotangents = zip(*z_and_cotangent)
+        g_mm.update(_named(self.encoder_params, torch.autograd.grad(zs, self.encoder_params, cotangents,
+                                                                    allow_unused=True)))
         g_mm.update((id(p), g_uni[id(p)]) for p in self.head_params)
         return g_mm, g_uni
 
