@@ -142,7 +142,7 @@ def _recurrence(gi: torch.Tensor, w_hh: tuple[torch.Tensor, torch.Tensor], b_hh:
     """Both directions of one layer. gi [T, 2, B, 3H]: W_i x_t + b_i, direction 1 reversed in time.
 
     Returns h_0..h_T [T+1, 2, B, H] (h_0 = 0; direction 1 in its own time order), the gates
-    (r, z, n) [T, 2, B, 3H] and W_h h_{t-1} + b_h [T, 2, B, 3H].
+    (r, z, n) [T, 2, B, 3H] and [T, 2, B, 3H] holding W_hn h_{t-1} + b_hn in its last H columns.
     """
     steps, dirs, batch, three_h = gi.shape
     hidden = three_h // 3
@@ -151,18 +151,28 @@ def _recurrence(gi: torch.Tensor, w_hh: tuple[torch.Tensor, torch.Tensor], b_hh:
     w_t = gi.new_empty(dirs, hidden, three_h)
     for d in range(dirs):
         w_t[d].copy_(w_hh[d].t())
-    bias = torch.stack(b_hh)[:, None, :].expand(dirs, batch, three_h)
+    # Each step adds W_h h_{t-1} to this in place: r and z get their whole pre-activation,
+    # n its W_hn h_{t-1} + b_hn.
+    b_rz, b_n = torch.stack(b_hh)[:, None, :].split([2 * hidden, hidden], -1)
+    gh = torch.cat([gi[..., : 2 * hidden] + b_rz, b_n.expand(steps, dirs, batch, hidden)], dim=-1)
     states = gi.new_zeros(steps + 1, dirs, batch, hidden)
     gates = gi.new_empty(steps, dirs, batch, three_h)
-    gh = gi.new_empty(steps, dirs, batch, three_h)
+    # Views per step, made once: in the loop, indexing would cost as much as the small ops.
+    h, gh_t, gi_n = states.unbind(0), gh.unbind(0), gi[..., 2 * hidden:].unbind(0)
+    pre_rz, hn = _per_step(gh, [2 * hidden, hidden])
+    rz, n = _per_step(gates, [2 * hidden, hidden])
+    r, z, _ = _per_step(gates, [hidden] * 3)
     for t in range(steps):
-        torch.baddbmm(bias, states[t], w_t, out=gh[t])
-        rz, n = gates[t].split([2 * hidden, hidden], -1)
-        torch.add(gi[t, ..., : 2 * hidden], gh[t, ..., : 2 * hidden], out=rz).sigmoid_()
-        r, z = rz.chunk(2, -1)
-        torch.tanh(torch.addcmul(gi[t, ..., 2 * hidden:], r, gh[t, ..., 2 * hidden:]), out=n)
-        torch.lerp(n, states[t], z, out=states[t + 1])
+        gh_t[t].baddbmm_(h[t], w_t)
+        torch.sigmoid(pre_rz[t], out=rz[t])
+        torch.tanh(torch.addcmul(gi_n[t], r[t], hn[t]), out=n[t])
+        torch.lerp(n[t], h[t], z[t], out=h[t + 1])
     return states, gates, gh
+
+
+def _per_step(x: torch.Tensor, sizes: list[int], dim: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """x split along its last dimension into `sizes`; of each part, the views per step (along `dim`)."""
+    return [part.unbind(dim) for part in x.split(sizes, -1)]
 
 
 def _backward(ctx, grad_output: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -215,18 +225,23 @@ def _recurrence_backward(grad_states: torch.Tensor, w_hh: torch.Tensor, states: 
     dr_dn = gh[..., 2 * hidden:].unsqueeze(3) * r * (1 - r)    # pre-tanh of n_t → pre-σ of r_t
     grad_gi = grad_states.new_empty(dirs, steps, batch, lanes, three_h)     # ∂(W_i x + b_i)
     grad_gh = grad_states.new_empty(dirs, steps, batch, lanes, three_h)     # ∂(W_h h + b_h)
-    grad_h = grad_states.new_zeros(dirs, batch, lanes, hidden)
+    # Views per step, made once (as in `_recurrence`).
+    cotangent, r, z = grad_states.unbind(0), r.unbind(0), z.unbind(0)
+    dn_dh, dz_dh, dr_dn = dn_dh.unbind(0), dz_dh.unbind(0), dr_dn.unbind(0)
+    d_r, d_z, d_gh_n = _per_step(grad_gh, [hidden] * 3, dim=1)             # r, z: ∂gh = ∂gi
+    _, _, d_n = _per_step(grad_gi, [hidden] * 3, dim=1)
+    rows = grad_gh.view(dirs, steps, batch * lanes, three_h).unbind(1)
+    grad_h = cotangent[-1]
     for t in reversed(range(steps)):
-        grad_h += grad_states[t]
-        d_r, d_z, d_n = grad_gi[:, t].chunk(3, -1)
-        torch.mul(grad_h, dn_dh[t], out=d_n)
-        torch.mul(grad_h, dz_dh[t], out=d_z)
-        torch.mul(d_n, dr_dn[t], out=d_r)
-        gh_rz, gh_n = grad_gh[:, t].split([2 * hidden, hidden], -1)
-        gh_rz.copy_(grad_gi[:, t, ..., : 2 * hidden])
-        torch.mul(d_n, r[t], out=gh_n)
-        grad_h = torch.baddbmm((grad_h * z[t]).view(dirs, batch * lanes, hidden),
-                               grad_gh[:, t].view(dirs, batch * lanes, three_h), w_hh).view_as(grad_h)
+        torch.mul(grad_h, dn_dh[t], out=d_n[t])
+        torch.mul(grad_h, dz_dh[t], out=d_z[t])
+        torch.mul(d_n[t], dr_dn[t], out=d_r[t])
+        torch.mul(d_n[t], r[t], out=d_gh_n[t])
+        if t == 0:
+            break                                              # h_0 = 0 needs no gradient
+        grad_h = torch.baddbmm(torch.addcmul(cotangent[t - 1], grad_h, z[t]).view(dirs, batch * lanes, hidden),
+                               rows[t], w_hh).view_as(grad_h)
+    grad_gi[..., : 2 * hidden] = grad_gh[..., : 2 * hidden]
     # Weight gradients: Σ_t ∂gh_tᵀ h_{t-1} over the rows t·B + b, per cotangent.
     flat_gh = grad_gh.view(dirs, steps * batch, lanes, three_h)
     flat_h = [states[:-1, d].reshape(steps * batch, hidden) for d in range(dirs)]
