@@ -50,6 +50,8 @@ class DialogueGraph:
     high_freq_norm: torch.Tensor      # [B] deg^-1/2 · deg^-1/2 (0 where a node has no edge)
     flat_valid: torch.Tensor          # [N] positions b*T + t of the real utterances
     flat_valid_nodes: torch.Tensor    # [n_nodes] positions (b*M + m)*T + t of the real nodes, in node order
+    utterance_nodes: torch.Tensor     # [N*M] positions (b*M + m)*T + t of the real nodes, utterance by
+                                      #     utterance (as flat_valid), modality by modality within each
     distinct_steps: torch.Tensor      # [R] sequence-first positions t*B + b: each real step, and each
                                       #     padded dialogue's first padded step (standing for all of them)
     step_rows: torch.Tensor           # [T, B] each step's row in `distinct_steps` (a padded step: the
@@ -69,6 +71,13 @@ class DialogueGraph:
         """[..., B, T, D] -> [..., N, D]: real utterances, dialogue after dialogue."""
         lead, (b, t, d) = x.shape[:-3], x.shape[-3:]
         return x.reshape(*lead, b * t, d).index_select(-2, self.flat_valid)
+
+    def gather_nodes(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., B, M, T, D] -> [..., N, M·D]: each real utterance's nodes side by side, modality
+        after modality, utterances as `gather_utterances` orders them."""
+        lead, d = x.shape[:-4], x.shape[-1]
+        nodes = x.reshape(*lead, -1, d).index_select(-2, self.utterance_nodes)
+        return nodes.view(*lead, -1, self.n_modalities * d)
 
     def incidence(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Explicit (node, hyperedge) incidence list in the reference's order.
@@ -121,12 +130,15 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
     flat_valid = (torch.arange(n_dialogues)[:, None] * max_len + t)[valid]
     flat_valid_nodes = torch.arange(n_dialogues * n_modalities * max_len).view(n_dialogues, n_modalities, max_len)[
         valid[:, None, :].expand(-1, n_modalities, -1)]
+    utterance_nodes = ((flat_valid // max_len * n_modalities)[:, None] + torch.arange(n_modalities)) * max_len \
+        + (flat_valid % max_len)[:, None]
     # Input step (t, b) equals step (min(t, n_b), b): padded steps share the first padded one.
     shared_step = torch.minimum(t[:, None], length[None, :]) * n_dialogues + torch.arange(n_dialogues)
     distinct_steps, step_rows = torch.unique(shared_step.reshape(-1), return_inverse=True)
     fields = dict(
         valid=valid, node_ids=node_ids, modality_edge_ids=modality_edge_ids, utterance_edge_ids=utterance_edge_ids,
         high_freq_norm=inv_sqrt * inv_sqrt, flat_valid=flat_valid, flat_valid_nodes=flat_valid_nodes,
+        utterance_nodes=utterance_nodes.reshape(-1),
         distinct_steps=distinct_steps, step_rows=step_rows.view(max_len, n_dialogues),
         other_real_sources=valid[:, None, None, :] & ~torch.eye(max_len, dtype=torch.bool),
         other_modalities=~torch.eye(n_modalities, dtype=torch.bool))
@@ -178,8 +190,9 @@ class HypergraphConv(nn.Module):
         modality_msg = x.sum(-2) * _inverse_or_zero(omega.sum(-1))[..., None]              # [..., B, M, H]
         utterance_msg = x.sum(-3) * _inverse_or_zero(omega.sum(-2))[..., None]             # [..., B, T, H]
         inv_degree = _inverse_or_zero(w_modality[:, :, None] + w_utterance[:, None, :])     # [B, M, T]
-        out = (modality_msg[..., :, :, None, :] + utterance_msg[..., :, None, :, :]) * inv_degree[..., None]
-        return F.leaky_relu(out + self.bias, negative_slope=0.01)
+        out = torch.addcmul(self.bias, modality_msg[..., :, :, None, :] + utterance_msg[..., :, None, :, :],
+                            inv_degree[..., None])
+        return F.leaky_relu(out, negative_slope=0.01, inplace=True)          # in place: one pass fewer
 
 
 class HighFrequencyConv(nn.Module):
@@ -212,4 +225,4 @@ class HighFrequencyConv(nn.Module):
         same_utterance = torch.matmul(gate * graph.other_modalities, x.transpose(-2, -3)).transpose(-2, -3)
 
         norm = graph.high_freq_norm[:, None, None, None]
-        return (same_modality + same_utterance) * norm
+        return same_modality.add_(same_utterance).mul_(norm)                # in place: no new [.., B, M, T, H]

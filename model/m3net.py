@@ -116,19 +116,21 @@ class GraphModel(nn.Module):
             # fc1 of a zeroed node is its bias: mask after the projection instead of projecting K times.
             present = coalitions[:, None, :, None, None]
             x = torch.where(present, x, self.fc1.bias)
-            nodes = nodes * present
+            if self.cfg.use_residue:
+                nodes = nodes * present
         hyper = x
         for i in range(1, self.cfg.num_L + 1):
             hyper = getattr(self, f"hyperconv{i}")(hyper, graph, self.hyperedge_weight, self.EW_weight)
         high = x
         for k in range(1, self.cfg.num_K + 1):
-            high = high + getattr(self, f"conv{k}")(high, graph)
+            high = getattr(self, f"conv{k}")(high, graph).add_(high)
         parts = [hyper, high]
         if self.cfg.use_residue:
-            parts.insert(0, nodes.expand(*hyper.shape[:-1], nodes.shape[-1]))
-        per_node = torch.cat(parts, dim=-1)                                   # [..., B, M, T, F]
-        per_utterance = per_node.transpose(-3, -2).flatten(-2)                # [..., B, T, M·F]
-        return graph.gather_utterances(per_utterance)
+            parts.insert(0, nodes)
+        # Per real utterance, per modality, the parts side by side: [..., N, M·F]. Gathered part by
+        # part: concatenating all nodes first would copy the padding too, twice.
+        per_part = [graph.gather_nodes(part).unflatten(-1, (len(self.cfg.modalities), -1)) for part in parts]
+        return torch.cat(per_part, dim=-1).flatten(-2)
 
 
 class M3Net(nn.Module):
