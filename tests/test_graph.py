@@ -446,3 +446,14 @@ def test_distinct_rows_round_trip_on_zero_padding():
     rows = distinct_rows(x, graph.distinct_steps)
     assert rows.shape == (8, 4)
     assert torch.equal(expand_rows(rows, graph.step_rows), x)
+
+
+def test_gather_nodes_by_hand():
+    # lengths (2, 1), two modalities: x[b, m, t] = 100 b + 10 m + t, one feature.
+    graph = build_graph((2, 1), 2, torch.device("cpu"))
+    b, m, t = torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(2), indexing="ij")
+    x = (100 * b + 10 * m + t).float()[..., None]                            # [B, M, T, 1]
+    # utterances (0, 0), (0, 1), (1, 0); each: modality 0's node, then modality 1's
+    assert graph.gather_nodes(x).tolist() == [[0.0, 10.0], [1.0, 11.0], [100.0, 110.0]]
+    stacked = torch.stack([x, -x])                                           # a leading coalition dimension
+    assert torch.equal(graph.gather_nodes(stacked)[1], -graph.gather_nodes(x))
