@@ -114,11 +114,20 @@ def test_coalitions_in_chunks_give_the_same_scores_as_one_pass(small_batch, monk
     labels = utterance_labels(batch, out)
     scores = {}
     for per_pass in (1, 2, 3, 8):
-        monkeypatch.setitem(dgs.COALITIONS_PER_PASS, "cpu", per_pass)
+        block_bytes = out.projected.numel() * out.projected.element_size()
+        monkeypatch.setitem(dgs.PASS_BYTES, "cpu", per_pass * block_bytes + block_bytes // 2)
+        assert dgs.coalitions_per_pass(8, out.projected) == per_pass
         scores[per_pass] = modality_scores(model, out, labels)
     for per_pass in (1, 2, 3):
         assert torch.allclose(scores[per_pass], scores[8], atol=1e-6)
     assert scores[8].shape == (3,)
+
+
+def test_coalitions_per_pass_keep_a_pass_within_its_bytes():
+    iemocap, meld = torch.empty(8, 3, 110, 512), torch.empty(8, 3, 24, 512)     # 5.4 MB and 1.2 MB blocks
+    assert dgs.coalitions_per_pass(8, iemocap) == 2 and dgs.coalitions_per_pass(8, meld) == 8
+    assert dgs.coalitions_per_pass(8, torch.empty(8, 3, 400, 512)) == 1         # one over the budget: still one
+    assert dgs.coalitions_per_pass(8, torch.empty(8, 3, 400, 512, device="meta")) == 8   # no budget: all at once
 
 
 def test_plain_step_is_one_backward_of_the_summed_loss(small_batch):
