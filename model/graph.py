@@ -225,4 +225,6 @@ class HighFrequencyConv(nn.Module):
         same_utterance = torch.matmul(gate * graph.other_modalities, x.transpose(-2, -3)).transpose(-2, -3)
 
         norm = graph.high_freq_norm[:, None, None, None]
-        return same_modality.add_(same_utterance).mul_(norm)                # in place: no new [.., B, M, T, H]
+        # In place: no new [.., B, M, T, H]. The result is a fresh tensor that no backward reads,
+        # so the caller may add its residual into it in place too.
+        return same_modality.add_(same_utterance).mul_(norm)

@@ -24,9 +24,11 @@ through it computes the gradients for both, and the pass that brings c gets the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from model.padding import expand_rows
 
@@ -58,8 +60,9 @@ def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | N
     computed once per distinct row.
     real_steps: positions b·T + t of the real (unpadded) steps, for a caller that reads the output
     there only. The last layer's forward direction then works on those steps only (its input
-    projection, its W_hh gradient): its outputs at the padding are read by no later step, so they
-    are left unspecified. The reverse direction still starts at the last padded step.
+    projection, unless x is given as distinct rows, and its W_hh gradient): its outputs at the
+    padding are read by no later step, so they, and gradients through them, are left unspecified.
+    The reverse direction still starts at the last padded step.
     """
     steps, batch = (x.shape[:2] if step_rows is None else step_rows.shape)
     read_rows = None if real_steps is None else real_steps % steps * batch + real_steps // steps   # -> t·B + b
@@ -70,13 +73,25 @@ def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | N
 
 def expect_cotangent(output: torch.Tensor, cotangent: torch.Tensor) -> bool:
     """Tell the GRU that computed `output` (`bidirectional_gru`) the cotangent of a later backward
-    pass: the next pass through it then computes that pass's gradients too, and keeps them for it.
-    False, and nothing done, for a tensor from anything else."""
+    pass: the next pass through it then computes that pass's gradients too, and keeps them for the
+    first later pass that brings an equal cotangent (the tensor itself unchanged, or equal values;
+    any other pass computes afresh). False, and nothing done, for a tensor from anything else."""
     node = output.grad_fn
     if not isinstance(node, _BidirectionalGRU._backward_cls):
         return False
+    if cotangent.shape != output.shape:
+        raise ValueError(f"a cotangent of shape {tuple(cotangent.shape)} for an output of shape {tuple(output.shape)}")
     node.next_cotangent = cotangent
     return True
+
+
+class _Layer(NamedTuple):
+    """What the backward reads of one layer."""
+    x: torch.Tensor | None          # its input after dropout (None for the first: the Function's input)
+    mask: torch.Tensor | None       # the dropout mask on that input, scaled by 1/(1-p)
+    states: torch.Tensor            # h_0..h_T, as `_recurrence` returns them
+    gates: torch.Tensor
+    pre: torch.Tensor
 
 
 class _BidirectionalGRU(torch.autograd.Function):
@@ -97,25 +112,29 @@ class _BidirectionalGRU(torch.autograd.Function):
             read_rows = plan.read_rows if layer == plan.num_layers - 1 else None
             gi_forward = _project(x, w_ih[0], b_ih[0], step_rows, read_rows)
             gi_reverse = _project(x, w_ih[1], b_ih[1], step_rows, None)
-            states, gates, gh = _recurrence(torch.stack([gi_forward, gi_reverse.flip(0)], dim=1), w_hh, b_hh)
-            layers.append((x if layer > 0 else None, mask, states, gates, gh))
+            states, gates, pre = _recurrence(torch.stack([gi_forward, gi_reverse.flip(0)], dim=1), w_hh, b_hh)
+            layers += [x if layer > 0 else None, mask, states, gates, pre]
             x = torch.cat([states[1:, 0], states[1:, 1].flip(0)], dim=-1)
-        ctx.save_for_backward(inputs, *weights)
-        ctx.plan, ctx.layers = plan, layers
+        # Intermediates too: autograd frees them after the last pass, and refuses a pass after
+        # that, or after an in-place change to any of them.
+        ctx.save_for_backward(inputs, *weights, *layers)
+        ctx.plan = plan
         ctx.next_cotangent, ctx.kept = None, None
         return x
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
+        saved = ctx.saved_tensors              # read on every pass: autograd's checks apply to the kept path too
         if ctx.kept is not None:
-            cotangent, grads = ctx.kept
+            cotangent, version, grads = ctx.kept
             ctx.kept = None
-            if grad_output is cotangent or torch.equal(grad_output, cotangent):
+            if cotangent._version == version and (grad_output is cotangent or torch.equal(grad_output, cotangent)):
                 return (None, *grads)
         lanes = [grad_output] if ctx.next_cotangent is None else [grad_output, ctx.next_cotangent]
-        per_lane = _backward(ctx, torch.stack(lanes, dim=2))
+        per_lane = _stack_backward(ctx.plan, saved, torch.stack(lanes, dim=2))
         if len(lanes) == 2:
-            ctx.kept, ctx.next_cotangent = (lanes[1], per_lane[1]), None
+            ctx.kept, ctx.next_cotangent = (lanes[1], lanes[1]._version, per_lane[1]), None
         return (None, *per_lane[0])
 
 
@@ -142,7 +161,8 @@ def _recurrence(gi: torch.Tensor, w_hh: tuple[torch.Tensor, torch.Tensor], b_hh:
     """Both directions of one layer. gi [T, 2, B, 3H]: W_i x_t + b_i, direction 1 reversed in time.
 
     Returns h_0..h_T [T+1, 2, B, H] (h_0 = 0; direction 1 in its own time order), the gates
-    (r, z, n) [T, 2, B, 3H] and [T, 2, B, 3H] holding W_hn h_{t-1} + b_hn in its last H columns.
+    (r, z, n) [T, 2, B, 3H], and `pre` [T, 2, B, 3H]: the pre-activations of r and z, then
+    W_hn h_{t-1} + b_hn (what r multiplies).
     """
     steps, dirs, batch, three_h = gi.shape
     hidden = three_h // 3
@@ -154,20 +174,20 @@ def _recurrence(gi: torch.Tensor, w_hh: tuple[torch.Tensor, torch.Tensor], b_hh:
     # Each step adds W_h h_{t-1} to this in place: r and z get their whole pre-activation,
     # n its W_hn h_{t-1} + b_hn.
     b_rz, b_n = torch.stack(b_hh)[:, None, :].split([2 * hidden, hidden], -1)
-    gh = torch.cat([gi[..., : 2 * hidden] + b_rz, b_n.expand(steps, dirs, batch, hidden)], dim=-1)
+    pre = torch.cat([gi[..., : 2 * hidden] + b_rz, b_n.expand(steps, dirs, batch, hidden)], dim=-1)
     states = gi.new_zeros(steps + 1, dirs, batch, hidden)
     gates = gi.new_empty(steps, dirs, batch, three_h)
     # Views per step, made once: in the loop, indexing would cost as much as the small ops.
-    h, gh_t, gi_n = states.unbind(0), gh.unbind(0), gi[..., 2 * hidden:].unbind(0)
-    pre_rz, hn = _per_step(gh, [2 * hidden, hidden])
+    h, pre_t, gi_n = states.unbind(0), pre.unbind(0), gi[..., 2 * hidden:].unbind(0)
+    pre_rz, hn = _per_step(pre, [2 * hidden, hidden])
     rz, n = _per_step(gates, [2 * hidden, hidden])
     r, z, _ = _per_step(gates, [hidden] * 3)
     for t in range(steps):
-        torch.baddbmm(gh_t[t], h[t], w_t, out=gh_t[t])         # not baddbmm_: the profiler counts no FLOPs for it
+        torch.baddbmm(pre_t[t], h[t], w_t, out=pre_t[t])       # not baddbmm_: the profiler counts no FLOPs for it
         torch.sigmoid(pre_rz[t], out=rz[t])
         torch.tanh(torch.addcmul(gi_n[t], r[t], hn[t]), out=n[t])
         torch.lerp(n[t], h[t], z[t], out=h[t + 1])
-    return states, gates, gh
+    return states, gates, pre
 
 
 def _per_step(x: torch.Tensor, sizes: list[int], dim: int = 0) -> list[tuple[torch.Tensor, ...]]:
@@ -175,23 +195,24 @@ def _per_step(x: torch.Tensor, sizes: list[int], dim: int = 0) -> list[tuple[tor
     return [part.unbind(dim) for part in x.split(sizes, -1)]
 
 
-def _backward(ctx, grad_output: torch.Tensor) -> list[list[torch.Tensor]]:
+def _stack_backward(plan: _Plan, saved: tuple, grad_output: torch.Tensor) -> list[list[torch.Tensor]]:
     """Gradients in the Function's input order (x, then the weights), for each of the K cotangents
     in grad_output [T, B, K, 2H]: K lists. The cotangents share every matrix product as rows."""
-    plan = ctx.plan
-    inputs, *weights = ctx.saved_tensors
+    n_weights = WEIGHTS_PER_LAYER * plan.num_layers
+    inputs, weights = saved[0], saved[1: 1 + n_weights]
+    layers = [_Layer(*saved[i: i + len(_Layer._fields)]) for i in range(1 + n_weights, len(saved), len(_Layer._fields))]
     lanes = grad_output.shape[2]
     grads: list[list[torch.Tensor | None]] = [[None] * len(weights) for _ in range(lanes)]
     grad_x = grad_output
     for layer in reversed(range(plan.num_layers)):
-        x, mask, states, gates, gh = ctx.layers[layer]
+        x, mask, states, gates, pre = layers[layer]
         x = inputs if layer == 0 else x
         w_ih, _, w_hh, _ = _pairs(weights, layer)
         hidden = w_hh[0].shape[1]
         step_rows = plan.step_rows if layer == 0 else None
         read_rows = plan.read_rows if layer == plan.num_layers - 1 else None
         grad_states = torch.stack([grad_x[..., :hidden], grad_x[..., hidden:].flip(0)], dim=1)   # [T, 2, B, K, H]
-        grad_gi, grad_w_hh, grad_b_hh = _recurrence_backward(grad_states, torch.stack(w_hh), states, gates, gh,
+        grad_gi, grad_w_hh, grad_b_hh = _recurrence_backward(grad_states, torch.stack(w_hh), states, gates, pre,
                                                              read_rows)
         # The reverse direction's rows are in reversed time: pair them with the input reversed.
         # With distinct rows the projection was computed at every step (`_project`).
@@ -207,7 +228,7 @@ def _backward(ctx, grad_output: torch.Tensor) -> list[list[torch.Tensor]]:
 
 
 def _recurrence_backward(grad_states: torch.Tensor, w_hh: torch.Tensor, states: torch.Tensor, gates: torch.Tensor,
-                         gh: torch.Tensor, read_rows: torch.Tensor | None):
+                         pre: torch.Tensor, read_rows: torch.Tensor | None):
     """Backward of `_recurrence` for K cotangents at once.
 
     grad_states [T, 2, B, K, H] (direction 1 in its own time order), w_hh [2, 3H, H].
@@ -219,37 +240,38 @@ def _recurrence_backward(grad_states: torch.Tensor, w_hh: torch.Tensor, states: 
     three_h = 3 * hidden
     r, z, n = gates.unsqueeze(3).chunk(3, -1)                  # [T, 2, B, 1, H]: shared by the cotangents
     h_prev = states[:-1].unsqueeze(3)
-    # The cell's derivatives that do not depend on the cotangent, for all steps at once.
-    dn_dh = (1 - z) * (1 - n * n)                              # ∂h_t → pre-tanh of n_t
-    dz_dh = (h_prev - n) * z * (1 - z)                         # ∂h_t → pre-σ of z_t
-    dr_dn = gh[..., 2 * hidden:].unsqueeze(3) * r * (1 - r)    # pre-tanh of n_t → pre-σ of r_t
+    # What ∂h_t is multiplied by to give ∂ of each pre-activation, for all steps at once
+    # (none depends on the cotangent): pre_n ← ∂h_t, pre_z ← ∂h_t, pre_r ← ∂pre_n.
+    n_factor = (1 - z) * (1 - n * n)
+    z_factor = (h_prev - n) * z * (1 - z)
+    r_factor = pre[..., 2 * hidden:].unsqueeze(3) * r * (1 - r)
     grad_gi = grad_states.new_empty(dirs, steps, batch, lanes, three_h)     # ∂(W_i x + b_i)
     grad_gh = grad_states.new_empty(dirs, steps, batch, lanes, three_h)     # ∂(W_h h + b_h)
     # Views per step, made once (as in `_recurrence`).
-    cotangent, r, z = grad_states.unbind(0), r.unbind(0), z.unbind(0)
-    dn_dh, dz_dh, dr_dn = dn_dh.unbind(0), dz_dh.unbind(0), dr_dn.unbind(0)
+    cotangent_t, r_t, z_t = grad_states.unbind(0), r.unbind(0), z.unbind(0)
+    n_factor_t, z_factor_t, r_factor_t = n_factor.unbind(0), z_factor.unbind(0), r_factor.unbind(0)
     d_r, d_z, d_gh_n = _per_step(grad_gh, [hidden] * 3, dim=1)             # r, z: ∂gh = ∂gi
     _, _, d_n = _per_step(grad_gi, [hidden] * 3, dim=1)
-    rows = grad_gh.view(dirs, steps, batch * lanes, three_h).unbind(1)
-    grad_h = cotangent[-1]
+    grad_gh_t = grad_gh.view(dirs, steps, batch * lanes, three_h).unbind(1)
+    grad_h = cotangent_t[-1]
     for t in reversed(range(steps)):
-        torch.mul(grad_h, dn_dh[t], out=d_n[t])
-        torch.mul(grad_h, dz_dh[t], out=d_z[t])
-        torch.mul(d_n[t], dr_dn[t], out=d_r[t])
-        torch.mul(d_n[t], r[t], out=d_gh_n[t])
+        torch.mul(grad_h, n_factor_t[t], out=d_n[t])
+        torch.mul(grad_h, z_factor_t[t], out=d_z[t])
+        torch.mul(d_n[t], r_factor_t[t], out=d_r[t])
+        torch.mul(d_n[t], r_t[t], out=d_gh_n[t])
         if t == 0:
             break                                              # h_0 = 0 needs no gradient
-        grad_h = torch.baddbmm(torch.addcmul(cotangent[t - 1], grad_h, z[t]).view(dirs, batch * lanes, hidden),
-                               rows[t], w_hh).view_as(grad_h)
+        grad_h = torch.baddbmm(torch.addcmul(cotangent_t[t - 1], grad_h, z_t[t]).view(dirs, batch * lanes, hidden),
+                               grad_gh_t[t], w_hh).view_as(grad_h)
     grad_gi[..., : 2 * hidden] = grad_gh[..., : 2 * hidden]
     # Weight gradients: Σ_t ∂gh_tᵀ h_{t-1} over the rows t·B + b, per cotangent.
     flat_gh = grad_gh.view(dirs, steps * batch, lanes, three_h)
     flat_h = [states[:-1, d].reshape(steps * batch, hidden) for d in range(dirs)]
-    rows = [read_rows, None]
+    read = [read_rows, None]
     grad_w_hh, grad_b_hh = [], []
     for k in range(lanes):
-        g = [flat_gh[d, :, k] if rows[d] is None else flat_gh[d, rows[d], k] for d in range(dirs)]
-        grad_w_hh.append([g[d].T @ (flat_h[d] if rows[d] is None else flat_h[d][rows[d]]) for d in range(dirs)])
+        g = [flat_gh[d, :, k] if read[d] is None else flat_gh[d, read[d], k] for d in range(dirs)]
+        grad_w_hh.append([g[d].T @ (flat_h[d] if read[d] is None else flat_h[d][read[d]]) for d in range(dirs)])
         grad_b_hh.append([flat_gh[d, :, k].sum(0) for d in range(dirs)])
     return grad_gi, grad_w_hh, grad_b_hh
 

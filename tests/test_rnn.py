@@ -93,8 +93,8 @@ def test_distinct_rows_give_nn_grus_output_and_gradients():
 
 def _count_lanes(monkeypatch) -> list[int]:
     """The number of cotangents of each backward run of the GRU, from now on."""
-    lanes, real = [], rnn._backward
-    monkeypatch.setattr(rnn, "_backward", lambda ctx, g: (lanes.append(g.shape[2]), real(ctx, g))[1])
+    lanes, real = [], rnn._stack_backward
+    monkeypatch.setattr(rnn, "_stack_backward", lambda plan, saved, g: (lanes.append(g.shape[2]), real(plan, saved, g))[1])
     return lanes
 
 
@@ -138,6 +138,31 @@ def test_a_pass_with_another_cotangent_than_the_expected_one_is_computed_afresh(
     for a, b in zip(want, got):
         assert_close(b, a, rtol=0, atol=1e-11)
     assert not expect_cotangent(gru(x)[0], announced)         # nn.GRU's own output: nothing to tell
+
+
+def test_kept_gradients_follow_autograds_rules(monkeypatch):
+    gru = _gru(4, 3, 2)
+    x = torch.randn(5, 2, 4, dtype=torch.double, requires_grad=True)
+    c1, c2 = torch.randn(5, 2, 6, dtype=torch.double), torch.randn(5, 2, 6, dtype=torch.double)
+    # A cotangent changed in place after the first pass: its gradients are computed afresh.
+    lanes = _count_lanes(monkeypatch)
+    out = bidirectional_gru(gru, x)
+    expect_cotangent(out, c2)
+    torch.autograd.grad(out, [x], c1, retain_graph=True)
+    c2.mul_(2)
+    got = torch.autograd.grad(out, [x, *gru.parameters()], c2)
+    want = torch.autograd.grad(gru(x)[0], [x, *gru.parameters()], c2)
+    assert lanes == [2, 1]
+    for a, b in zip(want, got):
+        assert_close(b, a, rtol=0, atol=1e-11)
+    # A second pass after the graph was freed is refused, kept gradients or not.
+    out = bidirectional_gru(gru, x)
+    expect_cotangent(out, c2)
+    torch.autograd.grad(out, [x], c1)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(out, [x], c2)
+    with pytest.raises(ValueError, match=r"a cotangent of shape \(5, 2, 3\) for an output of shape \(5, 2, 6\)"):
+        expect_cotangent(bidirectional_gru(gru, x), c2[..., :3])
 
 
 # model/cuda_graphs.py captures the GPU's context RNN one layer per cuDNN call, F.dropout between

@@ -52,21 +52,21 @@ def _step_grads(data, batch, settings, seed=0):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)    # lr 0: the step leaves the gradients to inspect
     step = DGSStep(model, opt, torch.nn.NLLLoss(), settings)
     calls, gru_lanes = [], []
-    real_grad, real_gru_backward = torch.autograd.grad, rnn._backward
+    real_grad, real_gru_backward = torch.autograd.grad, rnn._stack_backward
 
     def counting_grad(*a, **k):
         calls.append(1)
         return real_grad(*a, **k)
 
-    def counting_gru_backward(ctx, grad_output):
+    def counting_gru_backward(plan, saved, grad_output):
         gru_lanes.append(grad_output.shape[2])
-        return real_gru_backward(ctx, grad_output)
+        return real_gru_backward(plan, saved, grad_output)
 
-    torch.autograd.grad, rnn._backward = counting_grad, counting_gru_backward
+    torch.autograd.grad, rnn._stack_backward = counting_grad, counting_gru_backward
     try:
         stats = step(batch, modulation_on=True)
     finally:
-        torch.autograd.grad, rnn._backward = real_grad, real_gru_backward
+        torch.autograd.grad, rnn._stack_backward = real_grad, real_gru_backward
     return model, stats, len(calls), gru_lanes
 
 

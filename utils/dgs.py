@@ -3,7 +3,8 @@
     forward            -> multimodal log-probs, unimodal logits per modality
     losses             -> L_mm, L_m
     Shapley valuation  -> all 2^M coalitions in one no-grad pass -> batch scores s_m
-    gradients          -> g_mm (all parameters) and g_u,m (encoder m + head m): two backwards
+    gradients          -> g_mm (all parameters) and g_u,m (encoder m + head m): two backward
+                          passes (three autograd calls: the g_mm pass split at the encoder outputs)
     MMPareto           -> per encoder group, merge g_mm,m and g_u,m
     OGM / OGM-GE       -> κ_m from s_m scales encoder m's gradient (+ noise)
     optimizer step
@@ -149,7 +150,8 @@ class DGSStep:
             return _named(self.params, torch.autograd.grad(loss_mm + loss_uni, self.params, allow_unused=True)), None
         # The ∂L_mm pass in two halves, split at the encoder outputs z_m: the fusion's gradients
         # and ∂L_mm/∂z_m first (that half stops at the z_m and frees what it went through), the
-        # encoders' last. In between the ∂ΣL_m pass, which keeps the encoders' graph for the last
+        # encoders' last. (Encoder parameters reach L_mm only through the z_m; a fusion
+        # parameter upstream of them would make the last half fail, loudly.) In between the ∂ΣL_m pass, which keeps the encoders' graph for the last
         # half. Told ∂L_mm/∂z_m ahead, a CPU GRU encoder runs both of its backward recurrences
         # during that pass, as one (model/rnn.py).
         n_fusion = len(self.fusion_params)
