@@ -14,6 +14,9 @@ give the time by phase (encoders, graph, valuation, backward, shaping, optimizer
 fastest; the sum of the fastest is the step's floor, an upper bound on its time on a machine
 that does not stall. Before and after each configuration, a [1024, 1024] GEMM records how fast
 the machine was and a pure-Python loop the share of time it was not running the process.
+Then (--paired-rounds) plain and DGS steps alternate on the same batches, each DGS step timed
+right after a plain one on its batch: the median of those ratios is the DGS / plain cost on a
+machine whose speed drifts between one configuration's run and the next (a shared VM).
 Prints a table; --json writes everything.
 """
 from __future__ import annotations
@@ -111,6 +114,27 @@ def time_epoch(step: DGSStep, loaders: dict, loss, device: torch.device, dataset
     return trained - start, time.perf_counter() - trained
 
 
+def paired_ratios(steps: dict[str, DGSStep], batches: list, device: torch.device, rounds: int) -> list[float]:
+    """DGS / plain time of steps on the same batch, one right after the other: `rounds` passes
+    over `batches` after one untimed pass (the order plain, DGS alternates by round)."""
+    ratios = []
+    for step in steps.values():
+        step.model.train()
+    for round_ in range(rounds + 1):
+        for batch in batches:
+            batch = batch.to(device)
+            seconds = {}
+            for name in (("plain", "dgs") if round_ % 2 else ("dgs", "plain")):
+                sync(device)
+                start = time.perf_counter()
+                steps[name](batch, modulation_on=True)
+                sync(device)
+                seconds[name] = time.perf_counter() - start
+            if round_ > 0:
+                ratios.append(seconds["dgs"] / seconds["plain"])
+    return ratios
+
+
 def profile_steps(step: DGSStep, batch, device: torch.device, repeats: int = 3
                   ) -> tuple[dict[str, float], dict[str, float], float]:
     """`repeats` profiled steps on one batch: milliseconds per phase, median and minimum over the
@@ -181,12 +205,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1, help="timed full epochs per configuration (median; 0: none)")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled steps (phase medians and floors)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--paired-rounds", type=int, default=2,
+                   help="rounds of plain and DGS steps alternating on the --steps batches (0: none)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="the context RNN eagerly on the GPU")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     keep_freed_memory()
 
-    results = []
+    results, paired = [], []
     for dataset in args.Dataset:
         root = Path(args.data_dir) / dataset
         if not (root / f"{dataset}_features").is_dir():
@@ -224,6 +250,12 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("step_times", "epoch_times")}), flush=True)
                 del model, step
+            if args.paired_rounds and set(CONFIGS) <= set(args.configs):
+                steps = {name: build(data, device, CONFIGS[name], README_FLAGS[dataset], args)[1] for name in CONFIGS}
+                ratios = paired_ratios(steps, batches, device, args.paired_rounds)
+                del steps
+                paired.append({"dataset": dataset, "device": device_name, "ratio_median": statistics.median(ratios),
+                               "ratios": ratios})
 
     print()
     print(f"{'dataset':8} {'device':6} {'config':6} {'step s':>8} {'floor s':>8} {'epoch s':>8} {'load s':>7} "
@@ -243,8 +275,12 @@ def main() -> None:
         for key, what in (("breakdown_ms", "median"), ("breakdown_min_ms", "fastest")):
             parts = ", ".join(f"{k.split('.')[1]} {v:.0f}" for k, v in row[key].items())
             print(f"{row['config']} step by phase (ms, {what} of {args.profile_steps}) {row['dataset']} {row['device']}: {parts}")
+    for row in paired:
+        print(f"DGS / plain, paired steps on the same batches, {row['dataset']} {row['device']}: "
+              f"{row['ratio_median']:.2f}x (median of {len(row['ratios'])}; "
+              f"{min(row['ratios']):.2f}-{max(row['ratios']):.2f}x)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"configurations": results, "paired": paired}, indent=1))
 
 
 def _cpu_name() -> str:
