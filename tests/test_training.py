@@ -45,9 +45,10 @@ def small_batch(meld_dir):
     return data, batch
 
 
-def _step_grads(data, batch, settings, seed=0):
+def _step_grads(data, batch, settings, seed=0, **model_flags):
     torch.manual_seed(seed)
-    cfg = ModelConfig(data.n_classes, data.n_speakers, data.dims["audio"], data.dims["visual"], dropout=0.0)
+    cfg = ModelConfig(data.n_classes, data.n_speakers, data.dims["audio"], data.dims["visual"], dropout=0.0,
+                      **model_flags)
     model = M3Net(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)    # lr 0: the step leaves the gradients to inspect
     step = DGSStep(model, opt, torch.nn.NLLLoss(), settings)
@@ -81,12 +82,14 @@ def _reference_grads(model, batch):
     return out, labels, dict(zip(map(id, params), g_mm)), dict(zip(map(id, params), g_u))
 
 
-def test_dgs_step_gradients_follow_the_spec(small_batch):
+@pytest.mark.parametrize("model_flags,cpu_grus", [({}, 1), ({"av_using_lstm": True}, 3), ({"base_model": "LSTM"}, 0)])
+def test_dgs_step_gradients_follow_the_spec(small_batch, model_flags, cpu_grus):
     data, batch = small_batch
-    model, stats, backward_calls, gru_lanes = _step_grads(data, batch, DGSSettings(modulation="OGM", pareto_gamma=0.5))
-    # Two passes: ∂ΣL_m, and ∂L_mm in two calls split at the encoder outputs; the text GRU's
-    # backward runs once, for both cotangents.
-    assert backward_calls == 3 and gru_lanes == [2]
+    model, stats, backward_calls, gru_lanes = _step_grads(data, batch, DGSSettings(modulation="OGM", pareto_gamma=0.5),
+                                                          **model_flags)
+    # Two passes: ∂ΣL_m, and ∂L_mm in two calls split at the encoder outputs; each CPU GRU's
+    # backward runs once, for both cotangents (the LSTM is nn.LSTM's, in both passes).
+    assert backward_calls == 3 and gru_lanes == [2] * cpu_grus
     out, labels, g_mm, g_u = _reference_grads(model, batch)
     groups = model.encoder_groups()
     scores = modality_scores(model, out, labels)
