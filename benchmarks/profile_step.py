@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import CONFIGS, PHASES, README_FLAGS, build, sync, time_epoch  # noqa: E402
 from dataloader.datasets import load_conversations  # noqa: E402
 from dataloader.loaders import make_loaders  # noqa: E402
+from utils.cpu_memory import keep_freed_memory  # noqa: E402
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 
@@ -59,6 +60,7 @@ def main() -> None:
     p.add_argument("--trace", default=None, help="write a Chrome trace here")
     p.add_argument("--epoch", action="store_true", help="also profile a whole epoch (cProfile)")
     args = p.parse_args()
+    keep_freed_memory()                  # as training and bench_train.py run: no page faults per step
 
     device = torch.device(args.device)
     data = load_conversations(args.Dataset, Path(args.data_dir) / args.Dataset)
