@@ -73,11 +73,11 @@ class DialogueGraph:
         return x.reshape(*lead, b * t, d).index_select(-2, self.flat_valid)
 
     def gather_nodes(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., B, M, T, D] -> [..., N, M·D]: each real utterance's nodes side by side, modality
-        after modality, utterances as `gather_utterances` orders them."""
+        """[..., B, M, T, D] -> [..., N, M, D]: each real utterance's nodes, modality after
+        modality, utterances as `gather_utterances` orders them."""
         lead, d = x.shape[:-4], x.shape[-1]
         nodes = x.reshape(*lead, -1, d).index_select(-2, self.utterance_nodes)
-        return nodes.view(*lead, -1, self.n_modalities * d)
+        return nodes.view(*lead, -1, self.n_modalities, d)
 
     def incidence(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Explicit (node, hyperedge) incidence list in the reference's order.

@@ -129,8 +129,7 @@ class GraphModel(nn.Module):
             parts.insert(0, nodes)
         # Per real utterance, per modality, the parts side by side: [..., N, M·F]. Gathered part by
         # part: concatenating all nodes first would copy the padding too, twice.
-        per_part = [graph.gather_nodes(part).unflatten(-1, (len(self.cfg.modalities), -1)) for part in parts]
-        return torch.cat(per_part, dim=-1).flatten(-2)
+        return torch.cat([graph.gather_nodes(part) for part in parts], dim=-1).flatten(-2)
 
 
 class M3Net(nn.Module):

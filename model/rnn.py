@@ -113,7 +113,7 @@ class _BidirectionalGRU(torch.autograd.Function):
             gi_forward = _project(x, w_ih[0], b_ih[0], step_rows, read_rows)
             gi_reverse = _project(x, w_ih[1], b_ih[1], step_rows, None)
             states, gates, pre = _recurrence(torch.stack([gi_forward, gi_reverse.flip(0)], dim=1), w_hh, b_hh)
-            layers += [x if layer > 0 else None, mask, states, gates, pre]
+            layers += _Layer(x if layer > 0 else None, mask, states, gates, pre)
             x = torch.cat([states[1:, 0], states[1:, 1].flip(0)], dim=-1)
         # Intermediates too: autograd frees them after the last pass, and refuses a pass after
         # that, or after an in-place change to any of them.

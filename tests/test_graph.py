@@ -454,6 +454,6 @@ def test_gather_nodes_by_hand():
     b, m, t = torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(2), indexing="ij")
     x = (100 * b + 10 * m + t).float()[..., None]                            # [B, M, T, 1]
     # utterances (0, 0), (0, 1), (1, 0); each: modality 0's node, then modality 1's
-    assert graph.gather_nodes(x).tolist() == [[0.0, 10.0], [1.0, 11.0], [100.0, 110.0]]
+    assert graph.gather_nodes(x).tolist() == [[[0.0], [10.0]], [[1.0], [11.0]], [[100.0], [110.0]]]
     stacked = torch.stack([x, -x])                                           # a leading coalition dimension
     assert torch.equal(graph.gather_nodes(stacked)[1], -graph.gather_nodes(x))

@@ -150,10 +150,10 @@ class DGSStep:
             return _named(self.params, torch.autograd.grad(loss_mm + loss_uni, self.params, allow_unused=True)), None
         # The ∂L_mm pass in two halves, split at the encoder outputs z_m: the fusion's gradients
         # and ∂L_mm/∂z_m first (that half stops at the z_m and frees what it went through), the
-        # encoders' last. (Encoder parameters reach L_mm only through the z_m; a fusion
-        # parameter upstream of them would make the last half fail, loudly.) In between the ∂ΣL_m pass, which keeps the encoders' graph for the last
+        # encoders' last. In between the ∂ΣL_m pass, which keeps the encoders' graph for the last
         # half. Told ∂L_mm/∂z_m ahead, a CPU GRU encoder runs both of its backward recurrences
-        # during that pass, as one (model/rnn.py).
+        # during that pass, as one (model/rnn.py). Encoder parameters reach L_mm only through the
+        # z_m; a fusion parameter upstream of them would make the last half fail, loudly.
         n_fusion = len(self.fusion_params)
         fusion_and_z = torch.autograd.grad(loss_mm, self.fusion_params + encoded, allow_unused=True)
         g_mm = _named(self.fusion_params, fusion_and_z[:n_fusion])
