@@ -19,6 +19,7 @@ from torch.profiler import record_function
 
 from dataloader.batch import Batch
 from model.cuda_graphs import context_rnn
+from model.dropout import apply_dropout
 from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
 from model.padding import distinct_rows, expand_rows, project_rows, project_steps
 from model.rnn import bidirectional_gru
@@ -144,7 +145,6 @@ class M3Net(nn.Module):
         for suffix in "abcd":
             setattr(self, f"normBN{suffix}", nn.BatchNorm1d(TEXT_DIM))
             setattr(self, f"normLN{suffix}", nn.LayerNorm(TEXT_DIM))
-        self.dropout = nn.Dropout(cfg.dropout)
         mods = cfg.modalities
         if "a" in mods:
             self.linear_a = nn.Linear(cfg.audio_dim, NODE_DIM)
@@ -249,7 +249,7 @@ class M3Net(nn.Module):
         zeroed. `projected`: the nodes' fc1 output, if already computed."""
         h = self.graph_model(nodes, graph, coalitions, projected)
         if dropout:
-            h = self.dropout(h)
+            h = apply_dropout(h, self.cfg.dropout, self.training)
         return F.log_softmax(self.smax_fc(F.relu(h)), dim=-1)
 
     def graph_for(self, batch: Batch) -> DialogueGraph:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from model.dropout import dropout_mask
 from model.padding import expand_rows
 
 WEIGHTS_PER_LAYER = 8    # W_ih, b_ih, W_hh, b_hh, each forward and reverse
@@ -104,9 +105,7 @@ class _BidirectionalGRU(torch.autograd.Function):
             w_ih, b_ih, w_hh, b_hh = _pairs(weights, layer)
             mask = None
             if layer > 0 and plan.training and plan.dropout > 0:
-                # F.dropout's mask, drawn as it draws it: the same masks for the same seed.
-                mask = (torch.zeros_like(x) if plan.dropout == 1 else
-                        torch.empty_like(x).bernoulli_(1 - plan.dropout).div_(1 - plan.dropout))
+                mask = dropout_mask(x, plan.dropout)               # F.dropout's: the same for the same seed
                 x = x * mask
             step_rows = plan.step_rows if layer == 0 else None
             read_rows = plan.read_rows if layer == plan.num_layers - 1 else None

@@ -1,0 +1,50 @@
+"""model/dropout.py: F.dropout's masks, draw for draw, on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.dropout import apply_dropout, dropout_mask
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4, 0.5, 0.75])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_same_output_and_generator_state_as_f_dropout(p, dtype, transposed):
+    x = torch.randn(37, 300, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    if transposed:
+        x = x.t()                                            # not contiguous: drawn in memory order
+    torch.manual_seed(5)
+    want = F.dropout(x, p, True)
+    after_want = torch.rand(3)
+    torch.manual_seed(5)
+    got = apply_dropout(x, p, True)
+    after_got = torch.rand(3)
+    assert torch.equal(got, want)
+    assert torch.equal(after_got, after_want)                # the generator moved on by as much
+    assert got.stride() == want.stride()
+
+
+def test_the_mask_is_zero_or_the_scale_in_the_right_proportion():
+    torch.manual_seed(0)
+    mask = dropout_mask(torch.empty(200_000), 0.4)
+    assert set(mask.unique().tolist()) == {0.0, torch.tensor(1 / 0.6).item()}
+    assert (mask > 0).float().mean().item() == pytest.approx(0.6, abs=0.005)   # > 4 standard errors
+    assert torch.equal(dropout_mask(torch.ones(5), 1.0), torch.zeros(5))
+
+
+def test_gradient_is_the_mask():
+    x = torch.randn(50, 20, requires_grad=True)
+    torch.manual_seed(2)
+    apply_dropout(x, 0.3, True).sum().backward()
+    torch.manual_seed(2)
+    assert torch.equal(x.grad, dropout_mask(x, 0.3))
+
+
+def test_identity_when_not_training_or_p_zero():
+    x = torch.randn(4, 6)
+    state = torch.get_rng_state()
+    assert apply_dropout(x, 0.5, False) is x
+    assert apply_dropout(x, 0.0, True) is x
+    assert torch.equal(torch.get_rng_state(), state)        # nothing drawn
