@@ -1,12 +1,13 @@
 """The conversation graph of M3Net and its two operators, in plain torch (SPEC §3 steps 4-6).
 
-Layout. Node features live in a padded block `x[..., B, M, T, H]`: dialogue b, modality m
-(present modalities in the order l, a, v), utterance t. The reference flattens the valid nodes
-dialogue after dialogue as `[l_1..l_n, a_1..a_n, v_1..v_n]`; node (b, m, t) has that flat index
-`node_offset[b] + m * n_b + t`, which is what the positional weights are looked up with.
-Padded positions carry whatever the encoders produced there; every operator masks them out as
-sources, and `DialogueGraph.gather_utterances` drops them from the output. Leading dimensions
-(`...`) batch several coalitions through one pass.
+Layout. Node features are a list of the real utterances' nodes, `x[..., N, M, H]`: utterance n
+(dialogue after dialogue, `DialogueGraph.gather_utterances`' order), modality m (present
+modalities in the order l, a, v); no padding, so nothing is computed for padded positions.
+The reference flattens the nodes dialogue after dialogue as `[l_1..l_n, a_1..a_n, v_1..v_n]`;
+node (b, m, t) has that flat index `node_offset[b] + m * n_b + t`, which is what the positional
+weights are looked up with. The messages within a modality, a [T, T] product per dialogue and
+modality, go through a padded block [..., B, M, T, H] (zero at padding) and back. Leading
+dimensions (`...`) batch several coalitions through one pass.
 
 Hyperedges per dialogue, globally numbered in this order: one per modality (its n nodes), then
 one per utterance t (its M nodes). High-frequency edges: every ordered pair of distinct nodes of
@@ -47,9 +48,12 @@ class DialogueGraph:
     node_ids: torch.Tensor            # [B, M, T] flat node index (0 at padding)
     modality_edge_ids: torch.Tensor   # [B, M] hyperedge index of (dialogue, modality)
     utterance_edge_ids: torch.Tensor  # [B, T] hyperedge index of (dialogue, utterance) (0 at padding)
-    high_freq_norm: torch.Tensor      # [B] deg^-1/2 · deg^-1/2 (0 where a node has no edge)
+    high_freq_norm: torch.Tensor      # [N] deg^-1/2 · deg^-1/2 of each utterance's nodes (0: no edge)
     flat_valid: torch.Tensor          # [N] positions b*T + t of the real utterances
-    flat_valid_nodes: torch.Tensor    # [n_nodes] positions (b*M + m)*T + t of the real nodes, in node order
+    utterance_dialogue: torch.Tensor  # [N] the dialogue of each utterance
+    dialogue_members: torch.Tensor    # [B, N] float 1 where utterance n is in dialogue b (segment sums)
+    utterance_node_ids: torch.Tensor  # [N, M] flat node index of each utterance's nodes
+    utterance_edges: torch.Tensor     # [N] hyperedge index of each utterance
     utterance_nodes: torch.Tensor     # [N*M] positions (b*M + m)*T + t of the real nodes, utterance by
                                       #     utterance (as flat_valid), modality by modality within each
     distinct_steps: torch.Tensor      # [R] sequence-first positions t*B + b: each real step, and each
@@ -79,11 +83,19 @@ class DialogueGraph:
         nodes = x.reshape(*lead, -1, d).index_select(-2, self.utterance_nodes)
         return nodes.view(*lead, -1, self.n_modalities, d)
 
+    def scatter_nodes(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., N, M, D] -> [..., B, M, T, D], 0 at padding: the inverse of `gather_nodes`."""
+        lead, d = x.shape[:-3], x.shape[-1]
+        batch, steps = self.valid.shape
+        block = x.new_zeros(*lead, batch * self.n_modalities * steps, d)
+        block.index_copy_(-2, self.utterance_nodes, x.reshape(*lead, -1, d))
+        return block.view(*lead, batch, self.n_modalities, steps, d)
+
     def incidence(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Explicit (node, hyperedge) incidence list in the reference's order.
 
         Per dialogue: the modality hyperedges' members (modality after modality), then each
-        utterance hyperedge's members. Not used by the operators (they work blockwise); it
+        utterance hyperedge's members. Not used by the operators (they work on the node list); it
         documents the structure and lets tests compare against a scatter implementation.
         """
         nodes, edges = [], []
@@ -128,8 +140,7 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
     degree = (length - 1 + n_modalities - 1).float()
     inv_sqrt = torch.where(degree > 0, degree.pow(-0.5), torch.zeros_like(degree))
     flat_valid = (torch.arange(n_dialogues)[:, None] * max_len + t)[valid]
-    flat_valid_nodes = torch.arange(n_dialogues * n_modalities * max_len).view(n_dialogues, n_modalities, max_len)[
-        valid[:, None, :].expand(-1, n_modalities, -1)]
+    utterance_dialogue = flat_valid // max_len
     utterance_nodes = ((flat_valid // max_len * n_modalities)[:, None] + torch.arange(n_modalities)) * max_len \
         + (flat_valid % max_len)[:, None]
     # Input step (t, b) equals step (min(t, n_b), b): padded steps share the first padded one.
@@ -137,7 +148,11 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
     distinct_steps, step_rows = torch.unique(shared_step.reshape(-1), return_inverse=True)
     fields = dict(
         valid=valid, node_ids=node_ids, modality_edge_ids=modality_edge_ids, utterance_edge_ids=utterance_edge_ids,
-        high_freq_norm=inv_sqrt * inv_sqrt, flat_valid=flat_valid, flat_valid_nodes=flat_valid_nodes,
+        high_freq_norm=(inv_sqrt * inv_sqrt)[utterance_dialogue], flat_valid=flat_valid,
+        utterance_dialogue=utterance_dialogue,
+        dialogue_members=(utterance_dialogue == torch.arange(n_dialogues)[:, None]).float(),
+        utterance_node_ids=node_ids.transpose(1, 2).reshape(-1, n_modalities)[flat_valid],
+        utterance_edges=utterance_edge_ids.reshape(-1)[flat_valid],
         utterance_nodes=utterance_nodes.reshape(-1),
         distinct_steps=distinct_steps, step_rows=step_rows.view(max_len, n_dialogues),
         other_real_sources=valid[:, None, None, :] & ~torch.eye(max_len, dtype=torch.bool),
@@ -171,8 +186,9 @@ class HypergraphConv(nn.Module):
 
     with positional weights :math:`w_e` = ``hyperedge_weight[e]`` and :math:`\omega_v` =
     ``node_weight[v]``, :math:`D_v = \sum_{e \ni v} w_e`, :math:`B_e = \sum_{v \in e} \omega_v`,
-    1/0 := 0, LeakyReLU slope 0.01. Each node lies in exactly two hyperedges (its modality's and
-    its utterance's), so both sums are dense reductions over the padded block.
+    1/0 := 0, LeakyReLU slope 0.01. Each node lies in exactly two hyperedges: its utterance's
+    (the sum over the node list's modality axis) and its modality's in its dialogue (a sum over
+    the dialogue's utterances: one product with the [B, N] membership matrix).
     """
 
     def __init__(self, channels: int):
@@ -181,17 +197,17 @@ class HypergraphConv(nn.Module):
 
     def forward(self, x: torch.Tensor, graph: DialogueGraph,
                 hyperedge_weight: torch.Tensor, node_weight: torch.Tensor) -> torch.Tensor:
-        valid = graph.valid[:, None, :]                                         # [B, 1, T]
-        omega = torch.where(valid, node_weight[graph.node_ids], torch.zeros((), device=x.device))  # [B, M, T]
+        members = graph.dialogue_members.to(x.dtype)                           # [B, N]
+        omega = node_weight[graph.utterance_node_ids].to(x.dtype)               # [N, M]
         w_modality = hyperedge_weight[graph.modality_edge_ids]                  # [B, M]
-        w_utterance = hyperedge_weight[graph.utterance_edge_ids]                # [B, T]
+        w_utterance = hyperedge_weight[graph.utterance_edges]                   # [N]
 
-        x = x.masked_fill(~valid[..., None], 0.0)
-        modality_msg = x.sum(-2) * _inverse_or_zero(omega.sum(-1))[..., None]              # [..., B, M, H]
-        utterance_msg = x.sum(-3) * _inverse_or_zero(omega.sum(-2))[..., None]             # [..., B, T, H]
-        inv_degree = _inverse_or_zero(w_modality[:, :, None] + w_utterance[:, None, :])     # [B, M, T]
-        out = torch.addcmul(self.bias, modality_msg[..., :, :, None, :] + utterance_msg[..., :, None, :, :],
-                            inv_degree[..., None])
+        modality_sum = torch.matmul(members, x.flatten(-2)).unflatten(-1, x.shape[-2:])     # [..., B, M, H]
+        modality_msg = modality_sum * _inverse_or_zero(members @ omega)[..., None]
+        utterance_msg = x.sum(-2) * _inverse_or_zero(omega.sum(-1))[:, None]               # [..., N, H]
+        inv_degree = _inverse_or_zero(w_modality[graph.utterance_dialogue] + w_utterance[:, None])   # [N, M]
+        messages = modality_msg.index_select(-3, graph.utterance_dialogue).add_(utterance_msg[..., None, :])
+        out = torch.addcmul(self.bias, messages, inv_degree[..., None])
         return F.leaky_relu(out, negative_slope=0.01, inplace=True)          # in place: one pass fewer
 
 
@@ -203,9 +219,9 @@ class HighFrequencyConv(nn.Module):
                \tanh\big(\mathrm{gate}([x_t \,;\, x_s])\big)\, x_s
 
     over the directed edges of a dialogue (distinct nodes of one modality; distinct nodes of
-    one utterance). The gate is linear, so gate([x_t; x_s]) = a_t + c_s + bias: the [T, T]
-    (within a modality) and [M, M] (within an utterance) gate matrices come from two
-    projections, and the sums are batched matmuls.
+    one utterance). The gate is linear, so gate([x_t; x_s]) = a_t + c_s + bias: the [M, M]
+    (within an utterance) and [T, T] (within a modality) gate matrices come from two
+    projections, and the sums are batched matmuls, the latter over the padded block.
     """
 
     def __init__(self, channels: int):
@@ -214,17 +230,18 @@ class HighFrequencyConv(nn.Module):
 
     def forward(self, x: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
         h = x.shape[-1]
-        target_score = F.linear(x, self.gate.weight[:, :h]).squeeze(-1)          # [..., B, M, T]
-        source_score = F.linear(x, self.gate.weight[:, h:]).squeeze(-1) + self.gate.bias
-        # Within a modality: gate[t, s] over utterances, padded sources and self-loops removed.
-        gate = torch.tanh(target_score[..., :, None] + source_score[..., None, :])  # [..., B, M, T, T]
-        same_modality = torch.matmul(gate * graph.other_real_sources, x)
+        scores = torch.stack([F.linear(x, self.gate.weight[:, :h]).squeeze(-1),                # a_t
+                              F.linear(x, self.gate.weight[:, h:]).squeeze(-1) + self.gate.bias], -1)   # c_s + bias
+        # Within an utterance: gate[m, m'] over its modalities, self-loops removed.
+        gate = torch.tanh(scores[..., :, None, 0] + scores[..., None, :, 1])                   # [..., N, M, M]
+        same_utterance = torch.matmul(gate * graph.other_modalities, x)
 
-        # Within an utterance: gate[m, m'] over modalities, self-loops removed.
-        gate = torch.tanh(target_score.transpose(-1, -2)[..., :, None] + source_score.transpose(-1, -2)[..., None, :])
-        same_utterance = torch.matmul(gate * graph.other_modalities, x.transpose(-2, -3)).transpose(-2, -3)
+        # Within a modality: gate[t, s] over a dialogue's utterances, padded sources (0 in the
+        # block) and self-loops removed.
+        block, block_scores = graph.scatter_nodes(x), graph.scatter_nodes(scores)               # [..., B, M, T, *]
+        gate = torch.tanh(block_scores[..., :, None, 0] + block_scores[..., None, :, 1])       # [..., B, M, T, T]
+        same_modality = graph.gather_nodes(torch.matmul(gate * graph.other_real_sources, block))
 
-        norm = graph.high_freq_norm[:, None, None, None]
-        # In place: no new [.., B, M, T, H]. The result is a fresh tensor that no backward reads,
+        # In place: no new [..., N, M, H]. The result is a fresh tensor that no backward reads,
         # so the caller may add its residual into it in place too.
-        return same_modality.add_(same_utterance).mul_(norm)
+        return same_modality.add_(same_utterance).mul_(graph.high_freq_norm[:, None, None])

@@ -21,7 +21,7 @@ from dataloader.batch import Batch
 from model.cuda_graphs import context_rnn
 from model.dropout import apply_dropout
 from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
-from model.padding import distinct_rows, expand_rows, project_rows, project_steps
+from model.padding import distinct_rows, expand_rows, project_steps
 from model.rnn import bidirectional_gru
 
 TEXT_DIM = 1024      # RoBERTa feature size
@@ -59,8 +59,8 @@ class ModelOutput:
     log_probs: torch.Tensor            # [N, C] multimodal
     unimodal_logits: dict              # modality -> [N, C]
     encoded: dict                      # modality -> z_m [T, B, 1024]
-    nodes: torch.Tensor                # [B, M, T, 1024] graph input
-    projected: torch.Tensor            # [B, M, T, 512] fc1 of the real nodes (0 at padding)
+    nodes: torch.Tensor                # [N, M, 1024] graph input: each real utterance's nodes
+    projected: torch.Tensor            # [N, M, 512] their fc1
     graph: DialogueGraph
 
 
@@ -90,32 +90,28 @@ class GraphModel(nn.Module):
             setattr(self, f"conv{k}", HighFrequencyConv(HIDDEN_DIM))
 
     def nodes(self, encoded: list[torch.Tensor], speakers: torch.Tensor) -> torch.Tensor:
-        """Encoder outputs [B, T, D] per modality (node order), speakers [B, T] -> graph input
-        [B, M, T, D] with the speaker (text nodes) and modal embeddings added."""
+        """Encoder outputs of the real utterances [N, D] per modality (node order), their speakers
+        [N] -> graph input [N, M, D] with the speaker (text nodes) and modal embeddings added."""
         mods = self.cfg.modalities
         if self.cfg.use_speaker and "l" in mods:
             text_row = mods.index("l")
             encoded = [z + self.speaker_embeddings(speakers) if i == text_row else z for i, z in enumerate(encoded)]
         nodes = torch.stack(encoded, dim=1)
         if self.cfg.use_modal:
-            nodes = nodes + self.modal_embeddings(self.modal_rows)[None, :, None, :]
+            nodes = nodes + self.modal_embeddings(self.modal_rows)
         return nodes
-
-    def project(self, nodes: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
-        """fc1 of the real nodes: [B, M, T, D] -> [B, M, T, H], 0 at padding (never read)."""
-        return project_rows(self.fc1, nodes, graph.flat_valid_nodes)
 
     def forward(self, nodes: torch.Tensor, graph: DialogueGraph, coalitions: torch.Tensor | None = None,
                 projected: torch.Tensor | None = None) -> torch.Tensor:
-        """nodes [B, M, T, D] -> per-utterance features [N, M·F] (or [K, N, M·F] for coalitions [K, M]).
+        """nodes [N, M, D] -> per-utterance features [N, M·F] (or [K, N, M·F] for coalitions [K, M]).
 
-        `projected`: `project(nodes, graph)` when the caller has it already (the coalition passes
-        reuse the forward pass's).
+        `projected`: `fc1(nodes)` when the caller has it already (the coalition passes reuse the
+        forward pass's).
         """
-        x = self.project(nodes, graph) if projected is None else projected
+        x = self.fc1(nodes) if projected is None else projected
         if coalitions is not None:
             # fc1 of a zeroed node is its bias: mask after the projection instead of projecting K times.
-            present = coalitions[:, None, :, None, None]
+            present = coalitions[:, None, :, None]
             x = torch.where(present, x, self.fc1.bias)
             if self.cfg.use_residue:
                 nodes = nodes * present
@@ -128,9 +124,8 @@ class GraphModel(nn.Module):
         parts = [hyper, high]
         if self.cfg.use_residue:
             parts.insert(0, nodes)
-        # Per real utterance, per modality, the parts side by side: [..., N, M·F]. Gathered part by
-        # part: concatenating all nodes first would copy the padding too, twice.
-        return torch.cat([graph.gather_nodes(part) for part in parts], dim=-1).flatten(-2)
+        # Per utterance, per modality, the parts side by side: [..., N, M·F].
+        return torch.cat(parts, dim=-1).flatten(-2)
 
 
 class M3Net(nn.Module):
@@ -238,10 +233,11 @@ class M3Net(nn.Module):
         return [p for m in self.cfg.modalities for p in getattr(self, f"head_{m}").parameters()]
 
     # ----------------------------------------------------------------- fusion
-    def graph_nodes(self, encoded: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        """Encoder outputs -> graph input [B, M, T, 1024] with speaker / modal embeddings."""
-        speakers = batch.qmask.argmax(-1).transpose(0, 1)                      # [B, T]
-        return self.graph_model.nodes([encoded[m].transpose(0, 1) for m in self.cfg.modalities], speakers)
+    def graph_nodes(self, utterances: dict[str, torch.Tensor], batch: Batch, graph: DialogueGraph) -> torch.Tensor:
+        """Encoder outputs of the real utterances ([N, 1024] per modality) -> graph input
+        [N, M, 1024] with speaker / modal embeddings."""
+        speakers = batch.qmask.argmax(-1).transpose(0, 1).reshape(-1).index_select(0, graph.flat_valid)   # [N]
+        return self.graph_model.nodes([utterances[m] for m in self.cfg.modalities], speakers)
 
     def fuse(self, nodes: torch.Tensor, graph: DialogueGraph, coalitions: torch.Tensor | None = None,
              dropout: bool = True, projected: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,6 +248,11 @@ class M3Net(nn.Module):
             h = apply_dropout(h, self.cfg.dropout, self.training)
         return F.log_softmax(self.smax_fc(F.relu(h)), dim=-1)
 
+    @staticmethod
+    def _real_utterances(encoded: dict[str, torch.Tensor], graph: DialogueGraph) -> dict[str, torch.Tensor]:
+        """Encoder outputs [T, B, 1024] -> those of the real utterances, [N, 1024]."""
+        return {m: graph.gather_utterances(z.transpose(0, 1)) for m, z in encoded.items()}
+
     def graph_for(self, batch: Batch) -> DialogueGraph:
         return build_graph(tuple(batch.lengths.tolist()), len(self.cfg.modalities), batch.umask.device)
 
@@ -260,9 +261,10 @@ class M3Net(nn.Module):
         with record_function("m3net.encoders"):
             encoded = self.encode(batch, graph)
         with record_function("m3net.graph"):
-            nodes = self.graph_nodes(encoded, batch)
-            projected = self.graph_model.project(nodes, graph)
+            nodes = self.graph_nodes(self._real_utterances(encoded, graph), batch, graph)
+            projected = self.graph_model.fc1(nodes)
             log_probs = self.fuse(nodes, graph, projected=projected)
-        unimodal = {m: getattr(self, f"head_{m}")(graph.gather_utterances(z.transpose(0, 1)))
-                    for m, z in encoded.items()}
+        # Gathered apart from the graph's: a DGS step's first backward pass frees what it goes
+        # through down to the encoder outputs, and the heads' pass comes after it.
+        unimodal = {m: getattr(self, f"head_{m}")(z) for m, z in self._real_utterances(encoded, graph).items()}
         return ModelOutput(log_probs, unimodal, encoded, nodes, projected, graph)

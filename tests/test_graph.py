@@ -26,15 +26,18 @@ def leaky(z: float) -> float:
     return z if z > 0 else 0.01 * z
 
 
-def dense_from_flat(flat: torch.Tensor, lengths, n_mod: int, garbage: float = 0.0) -> torch.Tensor:
-    """Inverse of ref.flatten_nodes: [n_nodes, H] -> [B, M, T, H], `garbage` at padding."""
-    b, t, h = len(lengths), max(lengths), flat.shape[1]
-    x = torch.full((b, n_mod, t, h), garbage, dtype=flat.dtype)
-    for bi, n in enumerate(lengths):
-        for m in range(n_mod):
-            for j in range(n):
-                x[bi, m, j] = flat[ref.node_index(lengths, n_mod, bi, m, j)]
-    return x
+def nodes_from_flat(flat: torch.Tensor, lengths, n_mod: int) -> torch.Tensor:
+    """The reference's node order [n_nodes, H] -> the operators' node list [N, M, H]."""
+    rows = [torch.stack([flat[ref.node_index(lengths, n_mod, b, m, j)] for m in range(n_mod)])
+            for b, n in enumerate(lengths) for j in range(n)]
+    return torch.stack(rows)
+
+
+def flat_of(x: torch.Tensor, lengths) -> torch.Tensor:
+    """The operators' node list [N, M, H] -> the reference's node order [n_nodes, H]."""
+    starts = [sum(lengths[:b]) for b in range(len(lengths))]
+    return torch.cat([x[start: start + n].transpose(0, 1).reshape(-1, x.shape[-1])
+                      for start, n in zip(starts, lengths)])
 
 
 def random_block(lengths, n_mod, h, gen, dtype=torch.float64):
@@ -76,9 +79,13 @@ def test_incidence_list_by_hand():
     assert graph.modality_edge_ids.tolist() == [[0, 1, 2], [5, 6, 7]]
     assert graph.utterance_edge_ids[0].tolist() == [3, 4]
     assert graph.utterance_edge_ids[1, 0].item() == 8
-    # real nodes of the [B, M, T] block, in node order: (b, m, t) = (0,0,0) (0,0,1) (0,1,0) ... (1,2,0)
-    assert graph.flat_valid_nodes.tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 10]
-    assert graph.node_ids.reshape(-1)[graph.flat_valid_nodes].tolist() == list(range(9))
+    # the node list: utterances (0, 0), (0, 1), (1, 0), each with its l, a, v nodes
+    assert graph.utterance_node_ids.tolist() == [[0, 2, 4], [1, 3, 5], [6, 7, 8]]
+    assert graph.utterance_edges.tolist() == [3, 4, 8]
+    assert graph.utterance_dialogue.tolist() == [0, 0, 1]
+    assert graph.dialogue_members.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert torch.equal(flat_of(nodes_from_flat(torch.arange(9.0)[:, None], [2, 1], 3), [2, 1]),
+                       torch.arange(9.0)[:, None])
     # the naive reference builds the same list (so it can be trusted below)
     assert ref.incidence([2, 1], 3) == (HAND_NODES, HAND_EDGES)
 
@@ -113,8 +120,8 @@ def test_hypergraph_propagation_matrix_by_hand():
                 expected[v, u] += 1.0 / b_hand[e] / d_hand[v]
     graph = build_graph((2, 1), 3, CPU)
     conv = HypergraphConv(9).double()
-    x = dense_from_flat(torch.eye(9, dtype=torch.float64), [2, 1], 3, garbage=7.0)
-    out = ref.flatten_nodes(conv(x, graph, w, ew), [2, 1])
+    x = nodes_from_flat(torch.eye(9, dtype=torch.float64), [2, 1], 3)
+    out = flat_of(conv(x, graph, w, ew), [2, 1])
     assert_close(out, expected, rtol=0, atol=1e-12)
 
 
@@ -135,8 +142,8 @@ def test_hypergraph_step_by_hand():
     with torch.no_grad():
         conv.bias.copy_(torch.tensor(bias, dtype=torch.float64))
     graph = build_graph((2, 1), 3, CPU)
-    out = conv(dense_from_flat(flat, [2, 1], 3, garbage=-50.0), graph, w, ew)
-    assert_close(ref.flatten_nodes(out, [2, 1]), torch.tensor(expected, dtype=torch.float64),
+    out = conv(nodes_from_flat(flat, [2, 1], 3), graph, w, ew)
+    assert_close(flat_of(out, [2, 1]), torch.tensor(expected, dtype=torch.float64),
                                rtol=0, atol=1e-12)
     ref_out = ref.hypergraph_layer(flat, HAND_NODES, HAND_EDGES, w, ew, conv.bias)
     assert_close(ref_out, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
@@ -152,7 +159,7 @@ def test_hypergraph_zero_degrees_give_zero_not_nan():
     conv = HypergraphConv(2).double()
     with torch.no_grad():
         conv.bias.copy_(torch.tensor(bias, dtype=torch.float64))
-    out = ref.flatten_nodes(conv(dense_from_flat(flat, [2, 1], 3), build_graph((2, 1), 3, CPU), w, ew), [2, 1])
+    out = flat_of(conv(nodes_from_flat(flat, [2, 1], 3), build_graph((2, 1), 3, CPU), w, ew), [2, 1])
     assert torch.isfinite(out).all()
     # node 6: D_6 = 0 -> only the bias
     assert out[6].tolist() == pytest.approx([leaky(0.1), leaky(-1.0)])
@@ -188,24 +195,23 @@ HF_RTOL = 2e-7
 def test_high_frequency_one_utterance_three_modalities_by_hand():
     conv = HighFrequencyConv(2).double()
     _hand_gate(conv)
-    x = torch.tensor(HF_X, dtype=torch.float64)[None, :, None, :]      # [B=1, M=3, T=1, 2]
+    x = torch.tensor(HF_X, dtype=torch.float64)[None]                   # [N=1, M=3, 2]
     out = conv(x, build_graph((1,), 3, CPU))
-    assert_close(out[0, :, 0], torch.tensor(HF_EXPECTED, dtype=torch.float64), rtol=HF_RTOL, atol=0)
+    assert_close(out[0], torch.tensor(HF_EXPECTED, dtype=torch.float64), rtol=HF_RTOL, atol=0)
 
 
 def test_high_frequency_three_utterances_one_modality_by_hand():
     conv = HighFrequencyConv(2).double()
     _hand_gate(conv)
-    x = torch.tensor(HF_X, dtype=torch.float64)[None, None]             # [B=1, M=1, T=3, 2]
+    x = torch.tensor(HF_X, dtype=torch.float64)[:, None]                # [N=3, M=1, 2]
     out = conv(x, build_graph((3,), 1, CPU))
-    assert_close(out[0, 0], torch.tensor(HF_EXPECTED, dtype=torch.float64), rtol=HF_RTOL, atol=0)
-    # next to a 1-utterance dialogue with garbage padding: same result, and the lone node gets nothing
-    x2 = torch.full((2, 1, 3, 2), 1e3, dtype=torch.float64)
-    x2[0, 0] = x[0, 0]
-    x2[1, 0, 0] = torch.tensor([4.0, -2.0])
+    assert_close(out[:, 0], torch.tensor(HF_EXPECTED, dtype=torch.float64), rtol=HF_RTOL, atol=0)
+    # next to a 1-utterance dialogue (padded to 3 in the within-modality block): same result,
+    # and the lone node gets nothing
+    x2 = torch.cat([x, torch.tensor([[[4.0, -2.0]]], dtype=torch.float64)])
     out2 = conv(x2, build_graph((3, 1), 1, CPU))
-    assert_close(out2[0, 0], torch.tensor(HF_EXPECTED, dtype=torch.float64), rtol=HF_RTOL, atol=0)
-    assert out2[1, 0, 0].tolist() == [0.0, 0.0]
+    assert_close(out2[:3, 0], torch.tensor(HF_EXPECTED, dtype=torch.float64), rtol=HF_RTOL, atol=0)
+    assert out2[3, 0].tolist() == [0.0, 0.0]
 
 
 def test_high_frequency_edge_set_two_by_two_by_hand():
@@ -216,8 +222,8 @@ def test_high_frequency_edge_set_two_by_two_by_hand():
         conv.gate.bias.fill_(0.7)
     t = math.tanh(0.7)
     l1, l2, a1, a2 = [1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]
-    x = torch.tensor([[l1, l2], [a1, a2]], dtype=torch.float64)[None]   # [1, 2, 2, 2]
-    out = conv(x, build_graph((2,), 2, CPU))[0]
+    x = torch.tensor([[l1, a1], [l2, a2]], dtype=torch.float64)         # [N=2, M=2, 2]
+    out = conv(x, build_graph((2,), 2, CPU)).transpose(0, 1)           # [M, N, 2]: as listed below
     # out-degree 2 everywhere -> factor 1/2
     expected = torch.tensor([[[0.5 * t * 2, 0.5 * t * 1],      # l1 <- l2 + a1
                               [0.5 * t * 1, 0.5 * t * 3]],     # l2 <- l1 + a2
@@ -234,16 +240,15 @@ def test_high_frequency_degree_per_dialogue():
         conv.gate.weight.zero_()
         conv.gate.bias.fill_(100.0)                                     # tanh = 1
     lengths = (4, 1, 2)
-    x = torch.ones(3, 3, 4, 1, dtype=torch.float64)
+    x = torch.ones(7, 3, 1, dtype=torch.float64)                        # [N, M, 1]
     out = conv(x, build_graph(lengths, 3, CPU))
     # every node has deg neighbours of value 1 -> output 1 (0 for none); deg: 5, 2, 3
-    for b, n in enumerate(lengths):
-        assert_close(out[b, :, :n], torch.ones(3, n, 1, dtype=torch.float64))
-    x[1] = 2.0
+    assert_close(out, torch.ones(7, 3, 1, dtype=torch.float64))
+    x[4] = 2.0                                                          # dialogue 1's one utterance
     out = conv(x, build_graph(lengths, 3, CPU))
-    assert_close(out[1, :, :1], torch.full((3, 1, 1), 2.0, dtype=torch.float64))
+    assert_close(out[4], torch.full((3, 1), 2.0, dtype=torch.float64))
     # one modality, one utterance: no edge at all
-    out = conv(torch.ones(1, 1, 1, 1, dtype=torch.float64), build_graph((1,), 1, CPU))
+    out = conv(torch.ones(1, 1, 1, dtype=torch.float64), build_graph((1,), 1, CPU))
     assert out.item() == 0.0
 
 
@@ -287,7 +292,8 @@ def test_hypergraph_conv_matches_reference(n_mod):
     for lengths in SHAPES:
         w, ew = _random_weights(gen)
         x = random_block(lengths, n_mod, 6, gen)
-        got = ref.flatten_nodes(conv(x, build_graph(lengths, n_mod, CPU), w, ew), lengths)
+        graph = build_graph(lengths, n_mod, CPU)
+        got = flat_of(conv(graph.gather_nodes(x), graph, w, ew), lengths)
         nodes, edges = ref.incidence(lengths, n_mod)
         want = ref.hypergraph_layer(ref.flatten_nodes(x, lengths), nodes, edges, w, ew, conv.bias)
         assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -302,7 +308,8 @@ def test_high_frequency_conv_matches_reference(n_mod):
             conv.gate.weight.normal_(generator=gen)
             conv.gate.bias.normal_(generator=gen)
         x = random_block(lengths, n_mod, 6, gen)
-        got = ref.flatten_nodes(conv(x, build_graph(lengths, n_mod, CPU)), lengths)
+        graph = build_graph(lengths, n_mod, CPU)
+        got = flat_of(conv(graph.gather_nodes(x), graph), lengths)
         src, dst = ref.high_frequency_edges(lengths, n_mod)
         want = ref.high_frequency_layer(ref.flatten_nodes(x, lengths), src, dst, conv.gate)
         assert_close(got, want, rtol=HF_RTOL, atol=1e-9)
@@ -312,15 +319,13 @@ def test_operators_batch_leading_dimensions():
     gen = torch.Generator().manual_seed(3)
     lengths = (3, 1, 2)
     graph = build_graph(lengths, 3, CPU)
-    x = torch.stack([random_block(lengths, 3, 5, gen) for _ in range(4)])     # [K=4, B, M, T, H]
+    x = graph.gather_nodes(torch.stack([random_block(lengths, 3, 5, gen) for _ in range(4)]))   # [K=4, N, M, H]
     w, ew = _random_weights(gen)
     hyper, high = HypergraphConv(5).double(), HighFrequencyConv(5).double()
     out_h, out_f = hyper(x, graph, w, ew), high(x, graph)
     for k in range(4):
-        assert_close(ref.flatten_nodes(out_h[k], lengths),
-                                   ref.flatten_nodes(hyper(x[k], graph, w, ew), lengths))
-        assert_close(ref.flatten_nodes(out_f[k], lengths),
-                                   ref.flatten_nodes(high(x[k], graph), lengths))
+        assert_close(out_h[k], hyper(x[k], graph, w, ew))
+        assert_close(out_f[k], high(x[k], graph))
 
 
 FUSE_CASES = [
@@ -369,7 +374,7 @@ def test_fuse_matches_reference(modals, num_L, num_K, use_residue, lengths):
     nodes = random_block(lengths, len(modals), 1024, gen)
     graph = build_graph(lengths, len(modals), CPU)
     with torch.no_grad():
-        got = model.fuse(nodes, graph, dropout=False)
+        got = model.fuse(graph.gather_nodes(nodes), graph, dropout=False)
         want = ref.fuse(model, nodes, lengths)
     assert got.shape == (sum(lengths), 5)
     assert_close(got, want, rtol=1e-6, atol=1e-7)
@@ -380,9 +385,10 @@ def test_fuse_matches_reference_float32():
     lengths = (4, 1, 3)
     gen = torch.Generator().manual_seed(5)
     nodes = random_block(lengths, 3, 1024, gen, dtype=torch.float32)
+    graph = build_graph(lengths, 3, CPU)
     with torch.no_grad():
-        got = model.fuse(nodes, build_graph(lengths, 3, CPU), dropout=False)
-        h = model.graph_model(nodes, build_graph(lengths, 3, CPU))
+        got = model.fuse(graph.gather_nodes(nodes), graph, dropout=False)
+        h = model.graph_model(graph.gather_nodes(nodes), graph)
         want_h = ref.graph_model(_double_graph(model).graph_model, nodes.double(), lengths)
         want = ref.fuse(model, nodes.double(), lengths)
     assert_close(h.double(), want_h, rtol=1e-5, atol=1e-5)
@@ -398,7 +404,8 @@ def test_coalition_fuse_matches_reference(modals, use_residue):
     n_mod = len(modals)
     coalitions = torch.tensor([[bool(k >> m & 1) for m in range(n_mod)] for k in range(2 ** n_mod)])
     with torch.no_grad():
-        got = model.fuse(nodes, build_graph(lengths, n_mod, CPU), coalitions, dropout=False)
+        graph = build_graph(lengths, n_mod, CPU)
+        got = model.fuse(graph.gather_nodes(nodes), graph, coalitions, dropout=False)
         for k, coalition in enumerate(coalitions.tolist()):
             want = ref.fuse(model, nodes, lengths, coalition)
             assert_close(got[k], want, rtol=1e-6, atol=1e-7)
@@ -448,7 +455,7 @@ def test_distinct_rows_round_trip_on_zero_padding():
     assert torch.equal(expand_rows(rows, graph.step_rows), x)
 
 
-def test_gather_nodes_by_hand():
+def test_gather_and_scatter_nodes_by_hand():
     # lengths (2, 1), two modalities: x[b, m, t] = 100 b + 10 m + t, one feature.
     graph = build_graph((2, 1), 2, torch.device("cpu"))
     b, m, t = torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(2), indexing="ij")
@@ -457,3 +464,7 @@ def test_gather_nodes_by_hand():
     assert graph.gather_nodes(x).tolist() == [[[0.0], [10.0]], [[1.0], [11.0]], [[100.0], [110.0]]]
     stacked = torch.stack([x, -x])                                           # a leading coalition dimension
     assert torch.equal(graph.gather_nodes(stacked)[1], -graph.gather_nodes(x))
+    # and back: the padded position (b, t) = (1, 1) is 0
+    assert graph.scatter_nodes(graph.gather_nodes(x))[..., 0].tolist() == [[[0.0, 1.0], [10.0, 11.0]],
+                                                                          [[100.0, 0.0], [110.0, 0.0]]]
+    assert torch.equal(graph.scatter_nodes(graph.gather_nodes(stacked))[1], -graph.scatter_nodes(graph.gather_nodes(x)))

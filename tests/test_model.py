@@ -81,7 +81,7 @@ def test_output_shapes(modals, use_residue):
     for m in mods:
         assert out.unimodal_logits[m].shape == (8, C)
         assert out.encoded[m].shape == (4, 3, 1024)
-    assert out.nodes.shape == (3, n_mod, 4, 1024)
+    assert out.nodes.shape == (8, n_mod, 1024)                      # the real utterances' nodes
     assert out.graph.lengths == (3, 1, 4) and out.graph.n_modalities == n_mod
     assert model.smax_fc.in_features == n_mod * (2048 if use_residue else 1024)
 
@@ -103,9 +103,11 @@ def test_unimodal_logits_are_heads_of_valid_encoder_outputs():
 def test_speaker_and_modal_embeddings(use_speaker, use_modal):
     model = make_model(use_speaker=use_speaker, use_modal=use_modal).eval()
     batch = make_batch((3, 2), seed=2)
+    graph = model.graph_for(batch)
     with torch.no_grad():
-        encoded = model.encode(batch, model.graph_for(batch))
-        nodes = model.graph_nodes(encoded, batch)
+        encoded = model.encode(batch, graph)
+        nodes = model.graph_nodes({m: graph.gather_utterances(z.transpose(0, 1)) for m, z in encoded.items()},
+                                  batch, graph)                         # [N, M, 1024]
     spk = model.graph_model.speaker_embeddings.weight
     modal = model.graph_model.modal_embeddings.weight          # rows: a, v, l
     for b, n in enumerate((3, 2)):
@@ -117,7 +119,7 @@ def test_speaker_and_modal_embeddings(use_speaker, use_modal):
                     want += spk[speaker]
                 if use_modal:
                     want += modal[{"a": 0, "v": 1, "l": 2}[mod]]
-                assert_close(nodes[b, m, t], want)
+                assert_close(nodes[3 * b + t, m], want)
 
 
 def test_capacity_error_from_forward():
@@ -171,35 +173,14 @@ def test_eval_forward_has_no_dropout_train_forward_has():
     assert not torch.allclose(a, c)
 
 
-# =========================================================================== padding
-def test_graph_stage_ignores_padded_positions():
-    model = randomise_graph(make_model(num_L=2, num_K=3, use_residue=True)).eval()
-    lengths = (2, 5, 1)
-    graph = build_graph(lengths, 3, CPU)
-    g = torch.Generator().manual_seed(5)
-    nodes = torch.randn(3, 3, 5, 1024, generator=g)
-    garbage = nodes.clone()
-    pad = ~graph.valid
-    garbage[pad[:, None, :, None].expand_as(garbage)] = 50.0 * torch.randn(int(pad.sum()) * 3 * 1024, generator=g)
-    assert not torch.equal(nodes, garbage)
-    coalitions = all_coalitions(3)
-    with torch.no_grad():
-        assert_close(model.graph_model(garbage, graph), model.graph_model(nodes, graph),
-                                   rtol=1e-6, atol=1e-6)
-        assert_close(model.fuse(garbage, graph, coalitions, dropout=False),
-                                   model.fuse(nodes, graph, coalitions, dropout=False), rtol=1e-6, atol=1e-6)
-
-
 def test_valuation_reuses_the_forward_projection():
-    """fc1 runs once per step: the coalition passes take the forward's projection (0 at padding)."""
+    """fc1 runs once per step: the coalition passes take the forward's projection."""
     model = randomise_graph(make_model(num_L=1, num_K=2, use_residue=True)).eval()
     batch = make_batch((2, 5, 1), seed=8)
     with torch.no_grad():
         out = model(batch)
-        assert out.projected.shape == (3, 3, 5, 512)
-        assert out.projected[~out.graph.valid[:, None, :].expand(-1, 3, -1)].abs().max() == 0
-        real = out.projected[0, :, :2]
-        assert_close(real, model.graph_model.fc1(out.nodes[0, :, :2]), rtol=1e-5, atol=1e-5)
+        assert out.projected.shape == (8, 3, 512)                      # 2 + 5 + 1 utterances
+        assert_close(out.projected, model.graph_model.fc1(out.nodes), rtol=0, atol=0)
         coalitions = all_coalitions(3)
         assert_close(model.fuse(out.nodes, out.graph, coalitions, dropout=False, projected=out.projected),
                      model.fuse(out.nodes, out.graph, coalitions, dropout=False), rtol=0, atol=0)
@@ -209,8 +190,8 @@ def test_graph_stage_weights_are_positional_over_the_batch():
     """Dialogue 2 of a batch reads the weight tables at its global offsets (the reference's quirk)."""
     model = randomise_graph(make_model(modals="av", num_L=2, num_K=1)).eval()
     g = torch.Generator().manual_seed(6)
-    nodes = torch.randn(2, 2, 3, 1024, generator=g)           # lengths (3, 2), modalities a, v
-    alone = nodes[1:, :, :2]
+    nodes = torch.randn(5, 2, 1024, generator=g)              # lengths (3, 2), modalities a, v
+    alone = nodes[3:]                                         # the second dialogue's
     with torch.no_grad():
         in_batch = model.fuse(nodes, build_graph((3, 2), 2, CPU), dropout=False)[3:]
         plain = model.fuse(alone, build_graph((2,), 2, CPU), dropout=False)

@@ -127,10 +127,10 @@ def test_coalitions_in_chunks_give_the_same_scores_as_one_pass(small_batch, monk
 
 
 def test_coalitions_per_pass_keep_a_pass_within_its_bytes():
-    iemocap, meld = torch.empty(8, 3, 110, 512), torch.empty(8, 3, 24, 512)     # 5.4 MB and 1.2 MB blocks
+    iemocap, meld = torch.empty(440, 3, 512), torch.empty(100, 3, 512)          # 2.7 MB and 0.6 MB node lists
     assert dgs.coalitions_per_pass(8, iemocap) == 2 and dgs.coalitions_per_pass(8, meld) == 8
-    assert dgs.coalitions_per_pass(8, torch.empty(8, 3, 400, 512)) == 1         # one over the budget: still one
-    assert dgs.coalitions_per_pass(8, torch.empty(8, 3, 400, 512, device="meta")) == 8   # no budget: all at once
+    assert dgs.coalitions_per_pass(8, torch.empty(1200, 3, 512)) == 1           # one over the budget: still one
+    assert dgs.coalitions_per_pass(8, torch.empty(1200, 3, 512, device="meta")) == 8   # no budget: all at once
 
 
 def test_plain_step_is_one_backward_of_the_summed_loss(small_batch):
