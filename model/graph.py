@@ -50,6 +50,7 @@ class DialogueGraph:
     utterance_edge_ids: torch.Tensor  # [B, T] hyperedge index of (dialogue, utterance) (0 at padding)
     high_freq_norm: torch.Tensor      # [N] deg^-1/2 · deg^-1/2 of each utterance's nodes (0: no edge)
     flat_valid: torch.Tensor          # [N] positions b*T + t of the real utterances
+    utterance_steps: torch.Tensor     # [N] their sequence-first positions t*B + b
     utterance_dialogue: torch.Tensor  # [N] the dialogue of each utterance
     dialogue_members: torch.Tensor    # [B, N] float 1 where utterance n is in dialogue b (segment sums)
     utterance_node_ids: torch.Tensor  # [N, M] flat node index of each utterance's nodes
@@ -72,9 +73,8 @@ class DialogueGraph:
         return sum(self.lengths) + self.n_modalities * len(self.lengths)
 
     def gather_utterances(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., B, T, D] -> [..., N, D]: real utterances, dialogue after dialogue."""
-        lead, (b, t, d) = x.shape[:-3], x.shape[-3:]
-        return x.reshape(*lead, b * t, d).index_select(-2, self.flat_valid)
+        """Sequence-first [T, B, ...] -> [N, ...]: the real utterances, dialogue after dialogue."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.utterance_steps)
 
     def gather_nodes(self, x: torch.Tensor) -> torch.Tensor:
         """[..., B, M, T, D] -> [..., N, M, D]: each real utterance's nodes, modality after
@@ -149,6 +149,7 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
     fields = dict(
         valid=valid, node_ids=node_ids, modality_edge_ids=modality_edge_ids, utterance_edge_ids=utterance_edge_ids,
         high_freq_norm=(inv_sqrt * inv_sqrt)[utterance_dialogue], flat_valid=flat_valid,
+        utterance_steps=flat_valid % max_len * n_dialogues + utterance_dialogue,
         utterance_dialogue=utterance_dialogue,
         dialogue_members=(utterance_dialogue == torch.arange(n_dialogues)[:, None]).float(),
         utterance_node_ids=node_ids.transpose(1, 2).reshape(-1, n_modalities)[flat_valid],
@@ -198,7 +199,7 @@ class HypergraphConv(nn.Module):
     def forward(self, x: torch.Tensor, graph: DialogueGraph,
                 hyperedge_weight: torch.Tensor, node_weight: torch.Tensor) -> torch.Tensor:
         members = graph.dialogue_members.to(x.dtype)                           # [B, N]
-        omega = node_weight[graph.utterance_node_ids].to(x.dtype)               # [N, M]
+        omega = node_weight[graph.utterance_node_ids]                           # [N, M]
         w_modality = hyperedge_weight[graph.modality_edge_ids]                  # [B, M]
         w_utterance = hyperedge_weight[graph.utterance_edges]                   # [N]
 
@@ -230,18 +231,20 @@ class HighFrequencyConv(nn.Module):
 
     def forward(self, x: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
         h = x.shape[-1]
-        scores = torch.stack([F.linear(x, self.gate.weight[:, :h]).squeeze(-1),                # a_t
-                              F.linear(x, self.gate.weight[:, h:]).squeeze(-1) + self.gate.bias], -1)   # c_s + bias
+        target = F.linear(x, self.gate.weight[:, :h]).squeeze(-1)                 # [..., N, M]: a_t
+        source = F.linear(x, self.gate.weight[:, h:]).squeeze(-1) + self.gate.bias   # c_s + bias
         # Within an utterance: gate[m, m'] over its modalities, self-loops removed.
-        gate = torch.tanh(scores[..., :, None, 0] + scores[..., None, :, 1])                   # [..., N, M, M]
+        gate = torch.tanh(target[..., :, None] + source[..., None, :])            # [..., N, M, M]
         same_utterance = torch.matmul(gate * graph.other_modalities, x)
 
         # Within a modality: gate[t, s] over a dialogue's utterances, padded sources (0 in the
         # block) and self-loops removed.
-        block, block_scores = graph.scatter_nodes(x), graph.scatter_nodes(scores)               # [..., B, M, T, *]
-        gate = torch.tanh(block_scores[..., :, None, 0] + block_scores[..., None, :, 1])       # [..., B, M, T, T]
+        block = graph.scatter_nodes(x)                                             # [..., B, M, T, H]
+        target, source = graph.scatter_nodes(torch.stack([target, source], -1)).unbind(-1)   # [..., B, M, T]
+        gate = torch.tanh(target[..., :, None] + source[..., None, :])            # [..., B, M, T, T]
         same_modality = graph.gather_nodes(torch.matmul(gate * graph.other_real_sources, block))
 
-        # In place: no new [..., N, M, H]. The result is a fresh tensor that no backward reads,
-        # so the caller may add its residual into it in place too.
-        return same_modality.add_(same_utterance).mul_(graph.high_freq_norm[:, None, None])
+        # In place: no new [..., N, M, H]. The result is a fresh tensor (not a view: in place on
+        # a view autograd would copy) that no backward reads, so the caller may add its residual
+        # into it in place too.
+        return same_utterance.add_(same_modality).mul_(graph.high_freq_norm[:, None, None])

@@ -21,7 +21,7 @@ from dataloader.batch import Batch
 from model.cuda_graphs import context_rnn
 from model.dropout import apply_dropout
 from model.graph import DialogueGraph, HighFrequencyConv, HypergraphConv, build_graph
-from model.padding import distinct_rows, expand_rows, project_steps
+from model.padding import distinct_rows, expand_rows, project_rows
 from model.rnn import bidirectional_gru
 
 TEXT_DIM = 1024      # RoBERTa feature size
@@ -214,7 +214,7 @@ class M3Net(nn.Module):
                 # Real utterances only: what the reference computes at padding (the bias) never
                 # reaches a prediction.
                 features = batch.audio if m == "a" else batch.visual
-                z = project_steps(getattr(self, f"linear_{m}"), features, graph.flat_valid)
+                z = project_rows(getattr(self, f"linear_{m}"), features, graph.utterance_steps)
             encoded[m] = z
         return encoded
 
@@ -236,7 +236,7 @@ class M3Net(nn.Module):
     def graph_nodes(self, utterances: dict[str, torch.Tensor], batch: Batch, graph: DialogueGraph) -> torch.Tensor:
         """Encoder outputs of the real utterances ([N, 1024] per modality) -> graph input
         [N, M, 1024] with speaker / modal embeddings."""
-        speakers = batch.qmask.argmax(-1).transpose(0, 1).reshape(-1).index_select(0, graph.flat_valid)   # [N]
+        speakers = graph.gather_utterances(batch.qmask.argmax(-1))                   # [N]
         return self.graph_model.nodes([utterances[m] for m in self.cfg.modalities], speakers)
 
     def fuse(self, nodes: torch.Tensor, graph: DialogueGraph, coalitions: torch.Tensor | None = None,
@@ -251,7 +251,7 @@ class M3Net(nn.Module):
     @staticmethod
     def _real_utterances(encoded: dict[str, torch.Tensor], graph: DialogueGraph) -> dict[str, torch.Tensor]:
         """Encoder outputs [T, B, 1024] -> those of the real utterances, [N, 1024]."""
-        return {m: graph.gather_utterances(z.transpose(0, 1)) for m, z in encoded.items()}
+        return {m: graph.gather_utterances(z) for m, z in encoded.items()}
 
     def graph_for(self, batch: Batch) -> DialogueGraph:
         return build_graph(tuple(batch.lengths.tolist()), len(self.cfg.modalities), batch.umask.device)

@@ -20,12 +20,6 @@ def project_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ro
     return out.view(*x.shape[:-1], -1)
 
 
-def project_steps(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, real_steps: torch.Tensor) -> torch.Tensor:
-    """`project_rows` for a sequence-first x [T, B, D], real_steps the positions b·T + t (batch-first
-    order, `DialogueGraph.flat_valid`): [T, B, D_out], 0 at the other steps."""
-    return project_rows(fn, x.transpose(0, 1), real_steps).transpose(0, 1)
-
-
 # Padded steps that share their input. The loader pads with zeros, and the text norms map those
 # zeros to one vector per dialogue (BN and LN act per step, LN2 per dialogue), so a row-wise layer
 # before a context RNN needs computing once for all of a dialogue's padded steps.

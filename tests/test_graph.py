@@ -9,7 +9,7 @@ from torch import nn
 
 from model.graph import (HYPEREDGE_CAPACITY, GraphCapacityError, HighFrequencyConv, HypergraphConv,
                          build_graph)
-from model.padding import distinct_rows, expand_rows, project_rows, project_steps
+from model.padding import distinct_rows, expand_rows, project_rows
 from model.m3net import M3Net, ModelConfig
 from utils.errors import UserError
 
@@ -424,11 +424,14 @@ def test_project_rows_applies_the_linear_to_the_listed_rows_only():
     assert out.abs().sum().item() == 12 + 23 + 35 + 20 + 31 + 51
 
 
-def test_project_steps_reads_positions_batch_first_on_a_sequence_first_tensor():
-    x = torch.arange(6.0).view(3, 2, 1)                      # [T=3, B=2, 1]: x[t, b] = 2t + b
-    out = project_steps(lambda rows: rows * 10, x, torch.tensor([0, 1, 3]))   # (b, t) = (0,0) (0,1) (1,0)
-    assert out.shape == (3, 2, 1)
-    assert out[:, :, 0].tolist() == [[0.0, 10.0], [20.0, 0.0], [0.0, 0.0]]
+def test_utterances_in_order_on_a_sequence_first_tensor():
+    # lengths (2, 1), B = 2: sequence-first positions t*B + b of utterances (0,0) (0,1) (1,0)
+    graph = build_graph((2, 1), 1, CPU)
+    assert graph.utterance_steps.tolist() == [0, 2, 1]
+    x = torch.arange(4.0).view(2, 2, 1)                      # [T=2, B=2, 1]: x[t, b] = 2t + b
+    assert graph.gather_utterances(x)[:, 0].tolist() == [0.0, 2.0, 1.0]
+    out = project_rows(lambda rows: rows * 10, x, graph.utterance_steps)
+    assert out[..., 0].tolist() == [[0.0, 10.0], [20.0, 0.0]]   # the padded step (t, b) = (1, 1): 0
 
 
 def test_padded_steps_share_the_first_padded_step_by_hand():

@@ -106,7 +106,7 @@ def test_speaker_and_modal_embeddings(use_speaker, use_modal):
     graph = model.graph_for(batch)
     with torch.no_grad():
         encoded = model.encode(batch, graph)
-        nodes = model.graph_nodes({m: graph.gather_utterances(z.transpose(0, 1)) for m, z in encoded.items()},
+        nodes = model.graph_nodes({m: graph.gather_utterances(z) for m, z in encoded.items()},
                                   batch, graph)                         # [N, M, 1024]
     spk = model.graph_model.speaker_embeddings.weight
     modal = model.graph_model.modal_embeddings.weight          # rows: a, v, l
