@@ -11,10 +11,11 @@ direction reads the padded steps, as in the reference, so T cannot be rounded up
 has a few dozen (T, B); each is captured the first time it is seen (two warm-up runs and the
 capture, tens of milliseconds) and replayed in every later epoch.
 
-The layers run as separate cuDNN calls with `F.dropout` between them (`model/rnn.py` draws the
-CPU's masks the same way), rather than with cuDNN's own inter-layer dropout: that keeps its random state in a
-buffer which `torch.manual_seed` replaces (a captured graph would go on using the freed one),
-while torch's generator is advanced by every replay, so each step draws a new mask.
+The layers run as separate cuDNN calls with `F.dropout` between them (on the CPU `model/rnn.py`
+draws `F.dropout`'s masks, `model/dropout.py`), rather than with cuDNN's own inter-layer
+dropout: that keeps its random state in a buffer which `torch.manual_seed` replaces (a captured
+graph would go on using the freed one), while torch's generator is advanced by every replay, so
+each step draws a new mask.
 
 Memory: each shape's graphs keep their input, output, and what the backward reads (cuDNN's
 reserve space, the dropout mask, the first layer's output): tens of MB per shape at M3Net's

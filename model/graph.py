@@ -163,7 +163,7 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
 
 def _to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The tensors on `device` in one copy per dtype, and no wait: each copy of a pageable tensor
-    to a GPU waits for the GPU to finish all it was given, so nine of them per batch would stall
+    to a GPU waits for the GPU to finish all it was given, so a copy per field would stall
     every step; these go as one pinned buffer per dtype, asynchronously."""
     if device.type == "cpu":
         return tensors
@@ -198,13 +198,16 @@ class HypergraphConv(nn.Module):
 
     def forward(self, x: torch.Tensor, graph: DialogueGraph,
                 hyperedge_weight: torch.Tensor, node_weight: torch.Tensor) -> torch.Tensor:
-        members = graph.dialogue_members.to(x.dtype)                           # [B, N]
+        # A sum over a dialogue's utterances is a product with the 0/1 membership matrix (a
+        # non-finite value would reach the other dialogues through its zeros; the loader
+        # refuses non-finite features).
+        members = graph.dialogue_members                                        # [B, N]
         omega = node_weight[graph.utterance_node_ids]                           # [N, M]
         w_modality = hyperedge_weight[graph.modality_edge_ids]                  # [B, M]
         w_utterance = hyperedge_weight[graph.utterance_edges]                   # [N]
 
-        modality_sum = torch.matmul(members, x.flatten(-2)).unflatten(-1, x.shape[-2:])     # [..., B, M, H]
-        modality_msg = modality_sum * _inverse_or_zero(members @ omega)[..., None]
+        modality_sum = torch.matmul(members.to(x.dtype), x.flatten(-2)).unflatten(-1, x.shape[-2:])  # [..., B, M, H]
+        modality_msg = modality_sum * _inverse_or_zero(members.to(omega.dtype) @ omega)[..., None]
         utterance_msg = x.sum(-2) * _inverse_or_zero(omega.sum(-1))[:, None]               # [..., N, H]
         inv_degree = _inverse_or_zero(w_modality[graph.utterance_dialogue] + w_utterance[:, None])   # [N, M]
         messages = modality_msg.index_select(-3, graph.utterance_dialogue).add_(utterance_msg[..., None, :])

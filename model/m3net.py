@@ -3,7 +3,8 @@
 Forward, per batch (SPEC §3):
   encode:  text layers -> norm -> mean of 4 -> linear_l -> context RNN/Transformer;
            audio/visual -> linear (-> RNN)                       => z_m  [T, B, 1024]
-  nodes:   + speaker embedding (text), + modal embedding          => [B, M, T, 1024]
+  nodes:   real utterances' z_m, + speaker embedding (text), + modal embedding
+                                                                  => [N, M, 1024]
   graph:   fc1 -> hypergraph branch and high-frequency branch    => per utterance [N, M·1024]
   head:    log_softmax(smax_fc(relu(dropout(h))))
 Coalitions (modalities zeroed at the graph input) run through `fuse` as a leading dimension.

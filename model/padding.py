@@ -11,8 +11,9 @@ def project_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ro
     """`fn` (row-wise, e.g. a linear layer) on the rows `rows` of x viewed as [-1, D]; every other
     row of the result is 0. x [..., D] -> [..., D_out].
 
-    With `rows` the real utterances or nodes, the padded positions cost nothing: what the
-    reference computes there never reaches a prediction, as long as nothing reads it.
+    With `rows` the real utterances (`DialogueGraph.utterance_steps` for a sequence-first x), the
+    padded positions cost nothing: what the reference computes there never reaches a
+    prediction, as long as nothing reads it.
     """
     flat = x.reshape(-1, x.shape[-1])
     projected = fn(flat.index_select(0, rows))

@@ -41,7 +41,8 @@ def flat_of(x: torch.Tensor, lengths) -> torch.Tensor:
 
 
 def random_block(lengths, n_mod, h, gen, dtype=torch.float64):
-    """Random node features [B, M, T, H] with large finite garbage at the padded positions."""
+    """Random node features [B, M, T, H] with large finite garbage at the padded positions: the
+    reference reads the block, the operators its node list (`DialogueGraph.gather_nodes`)."""
     x = torch.randn(len(lengths), n_mod, max(lengths), h, generator=gen, dtype=dtype)
     pad = ~build_graph(tuple(lengths), n_mod, CPU).valid
     garbage = 100.0 * torch.randn(x.shape, generator=gen, dtype=dtype)

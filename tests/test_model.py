@@ -173,6 +173,44 @@ def test_eval_forward_has_no_dropout_train_forward_has():
     assert not torch.allclose(a, c)
 
 
+def test_the_head_drops_out_as_f_dropout_does():
+    model = randomise_graph(make_model(dropout=0.4)).train()
+    batch = make_batch((3, 2), seed=4)
+    with torch.no_grad():
+        out = model.eval()(batch)
+        model.train()
+        torch.manual_seed(7)
+        got = model.fuse(out.nodes, out.graph)
+        h = model.graph_model(out.nodes, out.graph)
+        torch.manual_seed(7)
+        want = F.log_softmax(model.smax_fc(F.relu(F.dropout(h, 0.4, True))), dim=-1)
+    assert torch.equal(got, want)
+
+
+# =========================================================================== padding
+def test_nothing_at_padded_steps_reaches_a_prediction():
+    """Encoder outputs at padded steps (the GRU's there are not 0) are never read downstream."""
+    model = randomise_graph(make_model(num_L=2, num_K=2, use_residue=True)).eval()
+    batch = make_batch((2, 5, 1), seed=5)
+    encode = model.encode
+
+    def encode_with_garbage(b, graph):
+        pad = ~graph.valid.t()[..., None]                                 # [T, B, 1]
+        return {m: z.masked_fill(pad, 1e4) for m, z in encode(b, graph).items()}
+
+    with torch.no_grad():
+        clean = model(batch)
+        model.encode = encode_with_garbage
+        dirty = model(batch)
+        coalitions = all_coalitions(3)
+        assert torch.equal(model.fuse(dirty.nodes, dirty.graph, coalitions, dropout=False),
+                           model.fuse(clean.nodes, clean.graph, coalitions, dropout=False))
+    assert not torch.equal(dirty.encoded["l"], clean.encoded["l"])
+    assert torch.equal(dirty.log_probs, clean.log_probs)
+    for m in "lav":
+        assert torch.equal(dirty.unimodal_logits[m], clean.unimodal_logits[m])
+
+
 def test_valuation_reuses_the_forward_projection():
     """fc1 runs once per step: the coalition passes take the forward's projection."""
     model = randomise_graph(make_model(num_L=1, num_K=2, use_residue=True)).eval()

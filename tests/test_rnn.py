@@ -49,7 +49,7 @@ def test_reverse_direction_reads_the_padding_first():
     assert (a[0, 0, 3:] - b[0, 0, 3:]).abs().max() > 1e-6
 
 
-def test_dropout_acts_between_layers_in_training_only():
+def test_dropout_acts_between_layers_in_training_only_with_nn_grus_masks():
     gru = _gru(4, 3, 2, dropout=0.5)
     x = torch.randn(6, 2, 4, dtype=torch.double)
     gru.eval()
@@ -57,6 +57,10 @@ def test_dropout_acts_between_layers_in_training_only():
     gru.train()
     torch.manual_seed(1)
     dropped = bidirectional_gru(gru, x)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert_close(dropped, gru(x)[0], rtol=0, atol=1e-12)     # nn.GRU's own dropout: the same masks
+    assert torch.equal(torch.rand(3), after)                  # and as many draws
     assert (dropped - gru.eval()(x)[0]).abs().max() > 1e-3
 
 

@@ -117,8 +117,8 @@ def test_coalitions_in_chunks_give_the_same_scores_as_one_pass(small_batch, monk
     labels = utterance_labels(batch, out)
     scores = {}
     for per_pass in (1, 2, 3, 8):
-        block_bytes = out.projected.numel() * out.projected.element_size()
-        monkeypatch.setitem(dgs.PASS_BYTES, "cpu", per_pass * block_bytes + block_bytes // 2)
+        list_bytes = out.projected.numel() * out.projected.element_size()
+        monkeypatch.setitem(dgs.PASS_BYTES, "cpu", per_pass * list_bytes + list_bytes // 2)
         assert dgs.coalitions_per_pass(8, out.projected) == per_pass
         scores[per_pass] = modality_scores(model, out, labels)
     for per_pass in (1, 2, 3):
