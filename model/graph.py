@@ -232,20 +232,33 @@ class HighFrequencyConv(nn.Module):
         super().__init__()
         self.gate = nn.Linear(2 * channels, 1)
 
-    def forward(self, x: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate's halves per node, a_t (target) and c_s + bias (source): [..., N, M] each."""
         h = x.shape[-1]
-        target = F.linear(x, self.gate.weight[:, :h]).squeeze(-1)                 # [..., N, M]: a_t
-        source = F.linear(x, self.gate.weight[:, h:]).squeeze(-1) + self.gate.bias   # c_s + bias
-        # Within an utterance: gate[m, m'] over its modalities, self-loops removed.
-        gate = torch.tanh(target[..., :, None] + source[..., None, :])            # [..., N, M, M]
-        same_utterance = torch.matmul(gate * graph.other_modalities, x)
+        return (F.linear(x, self.gate.weight[:, :h]).squeeze(-1),
+                F.linear(x, self.gate.weight[:, h:]).squeeze(-1) + self.gate.bias)
 
-        # Within a modality: gate[t, s] over a dialogue's utterances, padded sources (0 in the
-        # block) and self-loops removed.
+    def within_modality(self, x: torch.Tensor, graph: DialogueGraph,
+                        scores: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The messages along the edges within a modality, before the degree norm: [..., N, M, H].
+        A node reads its own modality's nodes alone. `scores`: `scores(x)`, if computed already."""
+        target, source = self.scores(x) if scores is None else scores
+        # gate[t, s] over a dialogue's utterances, padded sources (0 in the block) and self-loops
+        # removed.
         block = graph.scatter_nodes(x)                                             # [..., B, M, T, H]
         target, source = graph.scatter_nodes(torch.stack([target, source], -1)).unbind(-1)   # [..., B, M, T]
         gate = torch.tanh(target[..., :, None] + source[..., None, :])            # [..., B, M, T, T]
-        same_modality = graph.gather_nodes(torch.matmul(gate * graph.other_real_sources, block))
+        return graph.gather_nodes(torch.matmul(gate * graph.other_real_sources, block))
+
+    def forward(self, x: torch.Tensor, graph: DialogueGraph,
+                same_modality: torch.Tensor | None = None) -> torch.Tensor:
+        """`same_modality`: `within_modality(x, graph)`, if the caller has it already."""
+        target, source = self.scores(x)
+        # Within an utterance: gate[m, m'] over its modalities, self-loops removed.
+        gate = torch.tanh(target[..., :, None] + source[..., None, :])            # [..., N, M, M]
+        same_utterance = torch.matmul(gate * graph.other_modalities, x)
+        if same_modality is None:
+            same_modality = self.within_modality(x, graph, (target, source))
 
         # In place: no new [..., N, M, H]. The result is a fresh tensor (not a view: in place on
         # a view autograd would copy) that no backward reads, so the caller may add its residual

@@ -102,17 +102,31 @@ class GraphModel(nn.Module):
             nodes = nodes + self.modal_embeddings(self.modal_rows)
         return nodes
 
+    def presence_messages(self, projected: torch.Tensor, graph: DialogueGraph) -> torch.Tensor | None:
+        """The first high-frequency layer's messages within a modality, for every modality absent
+        (its nodes fc1's bias) and present (their fc1 output `projected`): [2, N, M, H]; None
+        without that layer. They read one modality alone, so each coalition's are a choice
+        between these two: computed once, not once per coalition."""
+        if not self.cfg.num_K:
+            return None
+        return self.conv1.within_modality(torch.stack([self.fc1.bias.expand_as(projected), projected]), graph)
+
     def forward(self, nodes: torch.Tensor, graph: DialogueGraph, coalitions: torch.Tensor | None = None,
-                projected: torch.Tensor | None = None) -> torch.Tensor:
+                projected: torch.Tensor | None = None, presence_messages: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """nodes [N, M, D] -> per-utterance features [N, M·F] (or [K, N, M·F] for coalitions [K, M]).
 
-        `projected`: `fc1(nodes)` when the caller has it already (the coalition passes reuse the
-        forward pass's).
+        `projected`: `fc1(nodes)`, and `presence_messages`: `presence_messages(projected, graph)`,
+        when the caller has them already (the coalition passes of a step share them).
         """
         x = self.fc1(nodes) if projected is None else projected
+        same_modality = None
         if coalitions is not None:
             # fc1 of a zeroed node is its bias: mask after the projection instead of projecting K times.
             present = coalitions[:, None, :, None]
+            if self.cfg.num_K:
+                messages = self.presence_messages(x, graph) if presence_messages is None else presence_messages
+                same_modality = torch.where(present, messages[1], messages[0])
             x = torch.where(present, x, self.fc1.bias)
             if self.cfg.use_residue:
                 nodes = nodes * present
@@ -121,7 +135,7 @@ class GraphModel(nn.Module):
             hyper = getattr(self, f"hyperconv{i}")(hyper, graph, self.hyperedge_weight, self.EW_weight)
         high = x
         for k in range(1, self.cfg.num_K + 1):
-            high = getattr(self, f"conv{k}")(high, graph).add_(high)
+            high = getattr(self, f"conv{k}")(high, graph, same_modality if k == 1 else None).add_(high)
         parts = [hyper, high]
         if self.cfg.use_residue:
             parts.insert(0, nodes)
@@ -241,10 +255,11 @@ class M3Net(nn.Module):
         return self.graph_model.nodes([utterances[m] for m in self.cfg.modalities], speakers)
 
     def fuse(self, nodes: torch.Tensor, graph: DialogueGraph, coalitions: torch.Tensor | None = None,
-             dropout: bool = True, projected: torch.Tensor | None = None) -> torch.Tensor:
+             dropout: bool = True, projected: torch.Tensor | None = None,
+             presence_messages: torch.Tensor | None = None) -> torch.Tensor:
         """Graph + classifier: log-probs [N, C], or [K, N, C] with modalities outside each coalition
-        zeroed. `projected`: the nodes' fc1 output, if already computed."""
-        h = self.graph_model(nodes, graph, coalitions, projected)
+        zeroed. `projected`, `presence_messages`: as `GraphModel.forward` takes them."""
+        h = self.graph_model(nodes, graph, coalitions, projected, presence_messages)
         if dropout:
             h = apply_dropout(h, self.cfg.dropout, self.training)
         return F.log_softmax(self.smax_fc(F.relu(h)), dim=-1)

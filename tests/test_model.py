@@ -211,17 +211,30 @@ def test_nothing_at_padded_steps_reaches_a_prediction():
         assert torch.equal(dirty.unimodal_logits[m], clean.unimodal_logits[m])
 
 
-def test_valuation_reuses_the_forward_projection():
-    """fc1 runs once per step: the coalition passes take the forward's projection."""
+def test_valuation_reuses_the_forward_projection_and_the_first_layers_messages():
+    """fc1 runs once per step, and so do the first high-frequency layer's within-modality
+    messages: the coalition passes take the forward's projection and the two-state messages."""
     model = randomise_graph(make_model(num_L=1, num_K=2, use_residue=True)).eval()
     batch = make_batch((2, 5, 1), seed=8)
     with torch.no_grad():
         out = model(batch)
         assert out.projected.shape == (8, 3, 512)                      # 2 + 5 + 1 utterances
         assert_close(out.projected, model.graph_model.fc1(out.nodes), rtol=0, atol=0)
+        messages = model.graph_model.presence_messages(out.projected, out.graph)
+        assert messages.shape == (2, 8, 3, 512)                        # absent, present
+        conv1 = model.graph_model.conv1
+        bias = model.graph_model.fc1.bias.expand_as(out.projected)
+        assert torch.equal(messages[1], conv1.within_modality(torch.stack([bias, out.projected]), out.graph)[1])
         coalitions = all_coalitions(3)
-        assert_close(model.fuse(out.nodes, out.graph, coalitions, dropout=False, projected=out.projected),
-                     model.fuse(out.nodes, out.graph, coalitions, dropout=False), rtol=0, atol=0)
+        want = model.fuse(out.nodes, out.graph, coalitions, dropout=False)
+        assert torch.equal(model.fuse(out.nodes, out.graph, coalitions, dropout=False, projected=out.projected,
+                                      presence_messages=messages), want)
+        for k in (1, 5):                # one pass per coalition, as chunks do (other batch sizes: rounding)
+            assert_close(model.fuse(out.nodes, out.graph, coalitions[k: k + 1], dropout=False,
+                                    projected=out.projected, presence_messages=messages), want[k: k + 1],
+                         rtol=1e-6, atol=1e-6)
+    assert model.graph_model.presence_messages(out.projected, out.graph) is not None
+    assert randomise_graph(make_model(num_K=0)).graph_model.presence_messages(out.projected, out.graph) is None
 
 
 def test_graph_stage_weights_are_positional_over_the_batch():

@@ -73,7 +73,9 @@ def modality_scores(model: M3Net, out: ModelOutput, labels: torch.Tensor) -> tor
     coalitions = coalition_masks(n_modalities, labels.device)
     nodes, projected = out.nodes.detach(), out.projected.detach()
     per_pass = coalitions_per_pass(len(coalitions), projected)
-    log_probs = torch.cat([model.fuse(nodes, out.graph, chunk, dropout=False, projected=projected)  # [2^M, N, C]
+    messages = model.graph_model.presence_messages(projected, out.graph)
+    log_probs = torch.cat([model.fuse(nodes, out.graph, chunk, dropout=False, projected=projected,   # [2^M, N, C]
+                                      presence_messages=messages)
                            for chunk in coalitions.split(per_pass)])
     return shapley_values(true_label_probs(log_probs, labels)).mean(0)
 
