@@ -140,16 +140,16 @@ def build_graph(lengths: tuple[int, ...], n_modalities: int, device: torch.devic
     degree = (length - 1 + n_modalities - 1).float()
     inv_sqrt = torch.where(degree > 0, degree.pow(-0.5), torch.zeros_like(degree))
     flat_valid = (torch.arange(n_dialogues)[:, None] * max_len + t)[valid]
-    utterance_dialogue = flat_valid // max_len
-    utterance_nodes = ((flat_valid // max_len * n_modalities)[:, None] + torch.arange(n_modalities)) * max_len \
-        + (flat_valid % max_len)[:, None]
+    utterance_dialogue, utterance_position = flat_valid // max_len, flat_valid % max_len
+    utterance_nodes = ((utterance_dialogue * n_modalities)[:, None] + torch.arange(n_modalities)) * max_len \
+        + utterance_position[:, None]
     # Input step (t, b) equals step (min(t, n_b), b): padded steps share the first padded one.
     shared_step = torch.minimum(t[:, None], length[None, :]) * n_dialogues + torch.arange(n_dialogues)
     distinct_steps, step_rows = torch.unique(shared_step.reshape(-1), return_inverse=True)
     fields = dict(
         valid=valid, node_ids=node_ids, modality_edge_ids=modality_edge_ids, utterance_edge_ids=utterance_edge_ids,
         high_freq_norm=(inv_sqrt * inv_sqrt)[utterance_dialogue], flat_valid=flat_valid,
-        utterance_steps=flat_valid % max_len * n_dialogues + utterance_dialogue,
+        utterance_steps=utterance_position * n_dialogues + utterance_dialogue,
         utterance_dialogue=utterance_dialogue,
         dialogue_members=(utterance_dialogue == torch.arange(n_dialogues)[:, None]).float(),
         utterance_node_ids=node_ids.transpose(1, 2).reshape(-1, n_modalities)[flat_valid],

@@ -207,7 +207,7 @@ class M3Net(nn.Module):
             # (model/rnn.py); cuDNN's fused GRU is the faster one on the GPU. It too projects each
             # distinct row once, and as encoder outputs at padded steps are never read, its last
             # forward direction skips them.
-            return bidirectional_gru(encoder, rows, graph.flat_valid, graph.step_rows)
+            return bidirectional_gru(encoder, rows, graph.utterance_steps, graph.step_rows)
         x = expand_rows(rows, graph.step_rows)
         if isinstance(encoder, nn.TransformerEncoderLayer):
             return encoder(x)

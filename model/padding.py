@@ -17,7 +17,7 @@ def project_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ro
     """
     flat = x.reshape(-1, x.shape[-1])
     projected = fn(flat.index_select(0, rows))
-    out = projected.new_zeros(flat.shape[0], projected.shape[-1]).index_copy(0, rows, projected)
+    out = projected.new_zeros(flat.shape[0], projected.shape[-1]).index_copy_(0, rows, projected)
     return out.view(*x.shape[:-1], -1)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from model.dropout import dropout_mask
-from model.padding import expand_rows
+from model.padding import expand_rows, project_rows
 
 WEIGHTS_PER_LAYER = 8    # W_ih, b_ih, W_hh, b_hh, each forward and reverse
 
@@ -59,15 +59,13 @@ def bidirectional_gru(gru: nn.GRU, x: torch.Tensor, real_steps: torch.Tensor | N
     step_rows [T, B]: x is given as its distinct rows [R, D] instead, step (t, b) reading row
     step_rows[t, b] (`model/padding.py: distinct_rows`); the first layer's input projection is then
     computed once per distinct row.
-    real_steps: positions b·T + t of the real (unpadded) steps, for a caller that reads the output
-    there only. The last layer's forward direction then works on those steps only (its input
+    real_steps: sequence-first positions t·B + b of the real (unpadded) steps
+    (`DialogueGraph.utterance_steps`), for a caller that reads the output there only. The last layer's forward direction then works on those steps only (its input
     projection, unless x is given as distinct rows, and its W_hh gradient): its outputs at the
     padding are read by no later step, so they, and gradients through them, are left unspecified.
     The reverse direction still starts at the last padded step.
     """
-    steps, batch = (x.shape[:2] if step_rows is None else step_rows.shape)
-    read_rows = None if real_steps is None else real_steps % steps * batch + real_steps // steps   # -> t·B + b
-    plan = _Plan(gru.num_layers, gru.dropout, gru.training, step_rows, read_rows)
+    plan = _Plan(gru.num_layers, gru.dropout, gru.training, step_rows, real_steps)
     weights = [w for layer in range(gru.num_layers) for w in _layer_weights(gru, layer)]
     return _BidirectionalGRU.apply(plan, x, *weights)
 
@@ -150,9 +148,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, step_row
         return expand_rows(torch.addmm(bias, x, weight.t()), step_rows)
     if read_rows is None:
         return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:2], -1)
-    flat = x.new_zeros(x.shape[0] * x.shape[1], weight.shape[0])
-    flat.index_copy_(0, read_rows, torch.addmm(bias, x.reshape(-1, x.shape[-1])[read_rows], weight.t()))
-    return flat.view(*x.shape[:2], -1)
+    return project_rows(lambda rows: torch.addmm(bias, rows, weight.t()), x, read_rows)
 
 
 def _recurrence(gi: torch.Tensor, w_hh: tuple[torch.Tensor, torch.Tensor], b_hh: tuple[torch.Tensor, torch.Tensor]

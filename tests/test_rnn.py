@@ -5,6 +5,7 @@ from torch.testing import assert_close
 
 from model.cuda_graphs import can_graph, layered_rnn
 from model import rnn
+from model.graph import build_graph
 from model.rnn import bidirectional_gru, expect_cotangent
 
 
@@ -70,10 +71,10 @@ def test_real_steps_leave_every_read_output_and_gradient_unchanged(layers):
     gru = _gru(4, 3, layers)
     lengths = (5, 2, 3)
     x = torch.randn(5, 3, 4, dtype=torch.double, requires_grad=True)
-    real = torch.tensor([b * 5 + t for b, n in enumerate(lengths) for t in range(n)])
-    mask = torch.zeros(3, 5, 1, dtype=torch.double)
+    real = build_graph(lengths, 1, torch.device("cpu")).utterance_steps   # t·B + b
+    assert sorted(real.tolist()) == sorted(t * 3 + b for b, n in enumerate(lengths) for t in range(n))
+    mask = torch.zeros(5, 3, 1, dtype=torch.double)                       # [T, B, 1]
     mask.view(-1, 1)[real] = 1.0
-    mask = mask.transpose(0, 1)                                            # [T, B, 1]
     want, got = gru(x)[0] * mask, bidirectional_gru(gru, x, real) * mask
     _assert_same_function(got, want, [x, *gru.parameters()])
     # the skipped part: the forward direction past a dialogue's end is not nn.GRU's there
@@ -105,7 +106,8 @@ def _count_lanes(monkeypatch) -> list[int]:
 def _two_passes(gru, x, cotangents, expect: bool):
     """Gradients of both cotangents' backward passes (x and every parameter)."""
     torch.manual_seed(1)
-    out = bidirectional_gru(gru, x, real_steps=torch.tensor([0, 1, 2, 3, 4, 5, 7, 8]))
+    # (b, t): (0, 0..5), (1, 1), (1, 2), as sequence-first positions t·B + b with B = 2
+    out = bidirectional_gru(gru, x, real_steps=torch.tensor([0, 2, 4, 6, 8, 10, 3, 5]))
     if expect:
         assert expect_cotangent(out, cotangents[1])
     inputs = [x, *gru.parameters()]
