@@ -76,19 +76,20 @@ def build(data, device: torch.device, settings: DGSSettings, flags: dict, args) 
     return model, DGSStep(model, optimizer, loss, settings), loss
 
 
+def timed_step(step: DGSStep, batch, device: torch.device) -> float:
+    """Seconds of one training step on `batch` (already on `device`), the device's work included."""
+    sync(device)
+    start = time.perf_counter()
+    step(batch, modulation_on=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
 def time_steps(step: DGSStep, batches: list, device: torch.device, warmup: int, steps: int) -> list[float]:
     """Seconds of `steps` training steps on `batches` (in turn), after `warmup` untimed ones."""
     step.model.train()
-    times = []
-    for i in range(warmup + steps):
-        batch = batches[i % len(batches)].to(device)
-        sync(device)
-        start = time.perf_counter()
-        step(batch, modulation_on=True)
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+    times = [timed_step(step, batches[i % len(batches)].to(device), device) for i in range(warmup + steps)]
+    return times[warmup:]
 
 
 def time_loading(loaders: dict) -> float:
@@ -123,13 +124,8 @@ def paired_ratios(steps: dict[str, DGSStep], batches: list, device: torch.device
     for round_ in range(rounds + 1):
         for batch in batches:
             batch = batch.to(device)
-            seconds = {}
-            for name in (("plain", "dgs") if round_ % 2 else ("dgs", "plain")):
-                sync(device)
-                start = time.perf_counter()
-                steps[name](batch, modulation_on=True)
-                sync(device)
-                seconds[name] = time.perf_counter() - start
+            seconds = {name: timed_step(steps[name], batch, device)
+                       for name in (("plain", "dgs") if round_ % 2 else ("dgs", "plain"))}
             if round_ > 0:
                 ratios.append(seconds["dgs"] / seconds["plain"])
     return ratios
