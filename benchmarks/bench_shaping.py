@@ -1,7 +1,8 @@
 """Time of the gradient shaping alone (MMPareto + OGM-GE on every encoder group), at M3Net's real
 parameter sizes: as a training step runs it (on the CPU, `utils/shaping.py`'s per-tensor
-implementation), the flat implementation (the GPU's) on the same device, and the text group's
-noise draw against a plain `torch.randn`.
+implementation; on the GPU, the flat one replayed from a CUDA graph, `utils/shaping_graph.py`),
+the flat implementation run eagerly on the same device, and the text group's noise draw against
+a plain `torch.randn`.
 
     python benchmarks/bench_shaping.py [--Dataset IEMOCAP MELD] [--device cpu cuda] [--repeats 25]
 

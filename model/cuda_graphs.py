@@ -161,10 +161,10 @@ class _RNNGraphs:
                 y = layered_rnn(rnn, static_x, inputs[1:])
                 torch.autograd.grad(y, inputs, torch.ones_like(y))
             forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with _capturing(forward, self.pool):
+            with capturing(forward, self.pool):
                 static_y = layered_rnn(rnn, static_x, inputs[1:])
             grad_y = torch.empty_like(static_y)
-            with _capturing(backward, self.pool):
+            with capturing(backward, self.pool):
                 grad_x, *grad_params = torch.autograd.grad(static_y, inputs, grad_y, retain_graph=True)
                 torch.cat([g.reshape(-1) for g in grad_params], out=self.grads)
         torch.cuda.current_stream().wait_stream(self.stream)
@@ -173,7 +173,7 @@ class _RNNGraphs:
 
 
 @contextlib.contextmanager
-def _capturing(graph: torch.cuda.CUDAGraph, pool: tuple) -> Iterator[None]:
+def capturing(graph: torch.cuda.CUDAGraph, pool: tuple) -> Iterator[None]:
     """Capture the current stream's work into `graph`, ended even if the work raises (an
     unended capture would break every later call on the stream). thread_local: a DataLoader's
     pin-memory thread may call CUDA meanwhile."""

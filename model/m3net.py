@@ -147,7 +147,9 @@ class M3Net(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.cuda_graphs = True   # train the context RNNs from CUDA graphs on the GPU (--no-cuda-graphs)
+        # On the GPU, train from CUDA graphs (--no-cuda-graphs): the context RNNs here, and the
+        # DGS step's gradient shaping (utils/shaping_graph.py).
+        self.cuda_graphs = True
         # Module-name prefix of the text RNN (None: Transformer). --av_using_lstm: audio/visual
         # RNNs of the base model's kind; an LSTM beside a Transformer.
         self._text_rnn = {"GRU": "gru", "LSTM": "lstm"}.get(cfg.base_model)

@@ -17,7 +17,8 @@ from utils import main as entry
 from utils.dgs import DGSSettings, DGSStep
 from utils.modulation import modulate
 from utils.segments import scale_segments_, segment_stds
-from utils.shaping import shape_group
+from utils.shaping import shape_group, shape_groups
+from utils.shaping_graph import ShapingGraphs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -39,6 +40,28 @@ def _model_and_batch(data_dir, dataset: str, dropout: float = 0.5):
     cfg = ModelConfig(data.n_classes, data.n_speakers, data.dims["audio"], data.dims["visual"],
                       use_modal=True, dropout=dropout)
     return M3Net(cfg), batch
+
+
+def test_graphed_shaping_draws_what_the_eager_shaping_draws():
+    """utils/shaping_graph.py against the eager flat shaping, OGM-GE's noise included: the same
+    seed gives the same numbers, on the capturing call and on a replay."""
+    torch.manual_seed(0)
+    sizes = [[300000, 1, 4000], [5000, 7]]
+    g_mm = [[torch.randn(n, device=CUDA) for n in group] for group in sizes]
+    g_uni = [[torch.randn(n, device=CUDA) - 0.5 * g for n, g in zip(group, gm)] for group, gm in zip(sizes, g_mm)]
+    coeff = torch.tensor([0.3, 0.9], device=CUDA)
+    graphs = ShapingGraphs()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        got, got_cos = graphs(g_mm, g_uni, coeff, True, 0.8)
+        torch.manual_seed(seed)
+        want, want_cos = shape_groups(g_mm, g_uni, coeff, True, 0.8)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        torch.testing.assert_close(got_cos, want_cos)
+    assert len(graphs.graphs) == 1
+    first = graphs(g_mm, g_uni, coeff, True, 0.8)[0][0].clone()
+    assert not torch.equal(first, graphs(g_mm, g_uni, coeff, True, 0.8)[0][0])   # each replay draws anew
 
 
 def test_graph_structure_is_built_on_the_device():
@@ -243,9 +266,10 @@ def test_graphed_rnn_reads_weights_updated_in_place():
         _assert_close(g_got, g_want)
 
 
-def test_dgs_training_with_cuda_graphs_matches_the_eager_rnn(iemocap_dir):
+def test_dgs_training_with_cuda_graphs_matches_eager_training(iemocap_dir):
     """Several DGS steps that change the weights, over batches of different shapes, each seen
-    twice (captured, then replayed): the same weights at the end with and without the graphs."""
+    twice (captured, then replayed): the same weights at the end with and without the graphs
+    (the context RNN's and the gradient shaping's)."""
     model, _ = _model_and_batch(iemocap_dir, "IEMOCAP", dropout=0.0)
     batches = list(make_loaders(load_conversations("IEMOCAP", iemocap_dir), 2, shuffle_train=False)["train"])[:3]
     assert len({b.text.shape for b in batches}) > 1
@@ -259,6 +283,7 @@ def test_dgs_training_with_cuda_graphs_matches_the_eager_rnn(iemocap_dir):
         for batch in batches + batches:
             step(batch.to(CUDA), modulation_on=True)
         assert (gpu_model.gru_l in _GRAPHS) is graphs
+        assert len(step.shaping_graphs.graphs) == graphs     # one kind of call: g_u and κ every step
         trained[graphs] = {n: p.detach().cpu() for n, p in gpu_model.named_parameters()}
     for n, p in trained[False].items():
         assert not torch.equal(p, model.state_dict()[n]) or "gru_l" not in n, n   # the GRU did learn

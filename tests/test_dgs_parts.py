@@ -10,7 +10,9 @@ from utils.modulation import modulate, ogm_coefficients
 from utils.noise import CHUNK, standard_normal_like
 from utils.pareto import cosine, min_norm_weight, pareto_combine
 from utils.segments import _scale_segments_batched_, scale_segments_, segment_norms, segment_stds
-from utils.shaping import shape_group_per_tensor, shape_group_flat
+from utils import shaping_graph
+from utils.shaping import shape_group_flat, shape_group_per_tensor, shape_groups
+from utils.shaping_graph import ShapingGraphs
 from utils.shapley import coalition_masks, shapley_matrix, shapley_values, true_label_probs
 
 CPU = torch.device("cpu")
@@ -189,15 +191,19 @@ def _group_gradients():
 
 
 @pytest.mark.parametrize("pareto,modulation", [(True, "Normal"), (True, "OGM"), (True, "OGM_GE"),
-                                               (False, "OGM"), (False, "OGM_GE")])
+                                               (False, "OGM"), (False, "OGM_GE"), (True, "OGM_GE outside")])
 def test_per_tensor_shaping_equals_the_flat_one_noise_included(pareto, modulation):
+    # "OGM_GE outside": the epochs outside --modulation_starts/ends have no κ, and so no noise.
     g_mm, g_uni = _group_gradients()
-    kwargs = dict(g_uni=g_uni if pareto else None, coeff=None if modulation == "Normal" else torch.tensor(0.4),
-                  gaussian_noise=modulation == "OGM_GE", gamma=0.7)
+    coeff = None if modulation in ("Normal", "OGM_GE outside") else torch.tensor(0.4)
+    kwargs = dict(g_uni=g_uni if pareto else None, coeff=coeff, gaussian_noise=modulation.startswith("OGM_GE"),
+                  gamma=0.7)
     torch.manual_seed(5)
     flat, flat_cos = shape_group_flat(g_mm, **kwargs)
     torch.manual_seed(5)                           # the same noise, draw for draw
     per_tensor, per_tensor_cos = shape_group_per_tensor(g_mm, **kwargs)
+    if modulation == "OGM_GE outside":
+        assert torch.equal(per_tensor, shape_group_per_tensor(g_mm, g_uni, None, False, 0.7)[0])
     assert per_tensor.shape == flat.shape == (sum(g.numel() for g in g_mm),) and per_tensor.dtype == torch.float32
     for f, t in zip(flat.split([g.numel() for g in g_mm]), per_tensor.split([g.numel() for g in g_mm])):
         assert torch.allclose(t, f, rtol=0, atol=5e-6 * f.abs().max().item()), (f - t).abs().max()
@@ -222,6 +228,49 @@ def test_per_tensor_shaping_by_hand():
     noisy, _ = shape_group_per_tensor(g, None, torch.tensor(0.5), True, 1.0)
     for part, original in zip((noisy - 0.5 * torch.cat(g)).split([40000, 30000]), g):
         assert part.std().item() == pytest.approx(original.std().item(), rel=0.03)
+
+
+def _replayed_by_calling(monkeypatch) -> list:
+    """Stand in for CUDA graph capture on the CPU: the replay runs the captured body again, so the
+    plumbing around it (inputs loaded, outputs read) is what is tested. Returns the captures made."""
+    captures = []
+
+    def capture(body, device, pool):
+        captures.append(device)
+        return body, pool
+    monkeypatch.setattr(shaping_graph, "capture", capture)
+    return captures
+
+
+def test_graphed_shaping_reads_each_calls_gradients_and_equals_the_eager_one(monkeypatch):
+    captures = _replayed_by_calling(monkeypatch)
+    g_mm, g_uni = _group_gradients()
+    groups_mm, groups_uni = [g_mm[:2], g_mm[2:]], [g_uni[:2], g_uni[2:]]   # two groups, as encoders
+    coeff = torch.tensor([0.4, 0.9])
+    graphs = ShapingGraphs()
+    results = []
+    for scale in (1.0, -2.0):                            # the second call: other gradients, the same graph
+        mm = [[g * scale for g in group] for group in groups_mm]
+        torch.manual_seed(5)
+        got, got_cos = graphs(mm, groups_uni, coeff, True, 0.7)
+        torch.manual_seed(5)
+        want, want_cos = shape_groups(mm, groups_uni, coeff, True, 0.7)
+        assert [g.shape for g in got] == [w.shape for w in want] == [(3 * (CHUNK + 5) + 1,), (5000 + 12 * CHUNK + 7,)]
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, rtol=0, atol=5e-6 * w.abs().max().item()), (g - w).abs().max()
+        assert got_cos.shape == (2,) and torch.allclose(got_cos, want_cos, atol=1e-6)
+        results.append((got_cos, want_cos))
+    assert len(captures) == 1
+    assert torch.allclose(results[0][0], results[0][1], atol=1e-6)     # not overwritten by the second call
+    assert not torch.allclose(results[0][0], results[1][0])
+    # Outside the modulation epochs there is no κ: another graph, no cosines without g_u.
+    got, cos = graphs(groups_mm, groups_uni, None, True, 0.7)
+    want, _ = shape_groups(groups_mm, groups_uni, None, True, 0.7)
+    assert len(captures) == 2
+    assert all(torch.allclose(g, w, rtol=0, atol=5e-6 * w.abs().max().item()) for g, w in zip(got, want))
+    got, cos = graphs(groups_mm, None, coeff, False, 0.7)
+    assert len(captures) == 3 and cos is None
+    assert torch.allclose(got[1], 0.9 * torch.cat([g.reshape(-1) for g in groups_mm[1]]))
 
 
 # ------------------------------------------------------------------ noise

@@ -45,7 +45,7 @@ def small_batch(meld_dir):
     return data, batch
 
 
-def _step_grads(data, batch, settings, seed=0, **model_flags):
+def _step_grads(data, batch, settings, seed=0, modulation_on=True, **model_flags):
     torch.manual_seed(seed)
     cfg = ModelConfig(data.n_classes, data.n_speakers, data.dims["audio"], data.dims["visual"], dropout=0.0,
                       **model_flags)
@@ -65,7 +65,7 @@ def _step_grads(data, batch, settings, seed=0, **model_flags):
 
     torch.autograd.grad, rnn._stack_backward = counting_grad, counting_gru_backward
     try:
-        stats = step(batch, modulation_on=True)
+        stats = step(batch, modulation_on=modulation_on)
     finally:
         torch.autograd.grad, rnn._stack_backward = real_grad, real_gru_backward
     return model, stats, len(calls), gru_lanes
@@ -107,6 +107,21 @@ def test_dgs_step_gradients_follow_the_spec(small_batch, model_flags, cpu_grus):
         assert torch.allclose(head.weight.grad, g_u[id(head.weight)], atol=1e-7)
     assert torch.allclose(model.smax_fc.weight.grad, g_mm[id(model.smax_fc.weight)], atol=1e-7)
     assert g_u[id(model.smax_fc.weight)] is None
+
+
+def test_outside_the_modulation_epochs_ogm_ge_leaves_the_mmpareto_gradients(small_batch):
+    # SPEC §4 step 4 runs in epochs modulation_starts..ends only: no κ then, and no noise.
+    data, batch = small_batch
+    model, stats, _, _ = _step_grads(data, batch, DGSSettings(modulation="OGM_GE", pareto_gamma=0.5),
+                                     modulation_on=False)
+    assert "coeff" not in stats and stats["shapley"].shape == (3,)
+    _, _, g_mm, g_u = _reference_grads(model, batch)
+    for m, group in model.encoder_groups().items():
+        sizes = [p.numel() for p in group]
+        merged, _ = pareto_combine(torch.cat([g_mm[id(p)].reshape(-1) for p in group]),
+                                   torch.cat([g_u[id(p)].reshape(-1) for p in group]), sizes, 0.5)
+        for p, g in zip(group, merged.split(sizes)):
+            assert torch.allclose(p.grad, g.view_as(p), rtol=1e-4, atol=1e-7), m
 
 
 def test_coalitions_in_chunks_give_the_same_scores_as_one_pass(small_batch, monkeypatch):

@@ -97,8 +97,8 @@ def build_parser(dataset: str, defaults: dict[str, Any]) -> argparse.ArgumentPar
     g.add_argument("--resume", action="store_true", help="continue the run in --log-dir from its last.pt")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--no-cuda-graphs", action="store_true",
-                   help="on the GPU, train the context RNN eagerly instead of replaying it from CUDA graphs "
-                        "(no effect on the CPU)")
+                   help="on the GPU, train the context RNN and shape the gradients eagerly instead of "
+                        "replaying them from CUDA graphs (no effect on the CPU)")
 
     p.set_defaults(**defaults)
     return p

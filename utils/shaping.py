@@ -42,20 +42,41 @@ def shape_group(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] | None, coef
     return implementation(g_mm, g_uni, coeff, gaussian_noise, gamma)
 
 
+def shape_groups(g_mm: list[list[torch.Tensor]], g_uni: list[list[torch.Tensor]] | None, coeff: torch.Tensor | None,
+                 gaussian_noise: bool, gamma: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """`shape_group` of every encoder group i (κ = coeff[i]): their flat gradients, and their
+    MMPareto cosines [G] (None without MMPareto)."""
+    flats, cosines = [], []
+    for i, group in enumerate(g_mm):
+        flat, cos = shape_group(group, None if g_uni is None else g_uni[i], None if coeff is None else coeff[i],
+                                gaussian_noise, gamma)
+        flats.append(flat)
+        cosines.append(cos)
+    return flats, None if g_uni is None else torch.stack(cosines)
+
+
 def shape_group_flat(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] | None, coeff: torch.Tensor | None,
                      gaussian_noise: bool, gamma: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    sizes = [g.numel() for g in g_mm]
-    flat, cos = _concat(g_mm), None
+    return shape_flat(_concat(g_mm), None if g_uni is None else _concat(g_uni), [g.numel() for g in g_mm],
+                      coeff, gaussian_noise, gamma)
+
+
+def shape_flat(g_mm: torch.Tensor, g_uni: torch.Tensor | None, sizes: list[int], coeff: torch.Tensor | None,
+               gaussian_noise: bool, gamma: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`shape_group_flat` on the group's gradients already flat (tensors of `sizes` concatenated);
+    overwrites g_mm."""
+    cos = None
     if g_uni is not None:
-        flat, cos = pareto_combine(flat, _concat(g_uni), sizes, gamma)
+        g_mm, cos = pareto_combine(g_mm, g_uni, sizes, gamma)
     if coeff is not None:
-        flat = modulate(flat, sizes, coeff, gaussian_noise)
-    return flat, cos
+        g_mm = modulate(g_mm, sizes, coeff, gaussian_noise)
+    return g_mm, cos
 
 
 def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] | None,
                            coeff: torch.Tensor | None, gaussian_noise: bool, gamma: float
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gaussian_noise = gaussian_noise and coeff is not None              # OGM-GE's noise comes with κ only
     a = [g.reshape(-1) for g in g_mm]
     b = None if g_uni is None else [g.reshape(-1) for g in g_uni]
     sizes = [x.numel() for x in a]
