@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_train import sync  # noqa: E402
+from benchmarks.bench_train import checked_device, sync  # noqa: E402
 from dataloader.datasets import DATASETS, VISUAL_DIM  # noqa: E402
 from model.m3net import M3Net, ModelConfig  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
@@ -76,15 +76,16 @@ def main() -> None:
     p.add_argument("--device", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     p.add_argument("--repeats", type=int, default=25)
     args = p.parse_args()
+    devices = [checked_device(name) for name in args.device]
     keep_freed_memory()
     keys = ("shaping_ms", "flat_shaping_ms", "text_noise_ms", "text_randn_ms")
     print(f"{'dataset':8} {'device':6} {'encoder params':>14}  {'shaping ms':>16}  {'flat shaping ms':>16}  "
           f"{'text noise ms':>16}  {'torch.randn ms':>16}   (fastest / median of {args.repeats})")
     for dataset in args.Dataset:
-        for device in args.device:
-            r = bench(dataset, torch.device(device), args.repeats)
+        for device in devices:
+            r = bench(dataset, device, args.repeats)
             cells = "  ".join(f"{r[k][0]:7.1f} / {r[k][1]:6.1f}" for k in keys)
-            print(f"{dataset:8} {device:6} {r['encoder_params']:14,d}  {cells}", flush=True)
+            print(f"{dataset:8} {device.type:6} {r['encoder_params']:14,d}  {cells}", flush=True)
 
 
 if __name__ == "__main__":

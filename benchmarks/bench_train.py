@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataloader.datasets import load_conversations  # noqa: E402
+from dataloader.datasets import Conversations, DataError, load_conversations  # noqa: E402
 from dataloader.loaders import make_loaders  # noqa: E402
 from dataloader.synthetic import generate  # noqa: E402
 from model.m3net import M3Net, ModelConfig  # noqa: E402
@@ -49,6 +49,30 @@ CONFIGS = {
 README_FLAGS = {"IEMOCAP": dict(lr=1e-4, dropout=0.5, use_modal=True, pareto_gamma=0.2),
                 "MELD": dict(lr=1e-5, dropout=0.4, use_modal=False, pareto_gamma=1.0)}
 PHASES = ("m3net.encoders", "m3net.graph", "dgs.valuation", "dgs.backward", "dgs.shaping", "dgs.optimizer")
+
+
+def checked_device(name: str) -> torch.device:
+    """The device named on the command line; a bad or absent one ends the benchmark with one line."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        _exit_with(f"--device {name}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _exit_with(f"--device {name}: no CUDA device here")
+    return device
+
+
+def load_data(dataset: str, root: Path) -> Conversations:
+    """The dataset's features under root; unreadable data ends the benchmark with one line."""
+    try:
+        return load_conversations(dataset, root)
+    except DataError as e:
+        _exit_with(str(e))
+
+
+def _exit_with(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def sync(device: torch.device) -> None:
@@ -162,7 +186,10 @@ def profile_steps(step: DGSStep, batch, device: torch.device, repeats: int = 3
 
 def stall_share(seconds: float = 3.0) -> float:
     """Share of `seconds` that a fixed pure-Python loop (no memory traffic) spends in iterations
-    over 5x its median: time the machine did not run this process (a busy or throttled VM)."""
+    over 5x its median: time the machine did not run this process (a busy or throttled VM).
+    NaN for 0 seconds (not measured)."""
+    if seconds <= 0:
+        return float("nan")
     times, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end:
         start = time.perf_counter()
@@ -203,29 +230,32 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--paired-rounds", type=int, default=2,
                    help="rounds of plain and DGS steps alternating on the --steps batches (0: none)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="the context RNN eagerly on the GPU")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="the context RNN and the gradient shaping eagerly on the GPU")
+    p.add_argument("--stall-seconds", type=float, default=3.0,
+                   help="length of the stall probe before and after each configuration (0: none)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     keep_freed_memory()
 
+    devices = [checked_device(name) for name in args.device]
     results, paired = [], []
     for dataset in args.Dataset:
         root = Path(args.data_dir) / dataset
         if not (root / f"{dataset}_features").is_dir():
             print(f"generating synthetic {dataset} (scale {args.scale}) in {root}", flush=True)
             generate(dataset, root, scale=args.scale, seed=0)
-        data = load_conversations(dataset, root)
-        loaders = make_loaders(data, args.batch_size, seed=0, pin_memory=any(d.startswith("cuda") for d in args.device))
+        data = load_data(dataset, root)
+        loaders = make_loaders(data, args.batch_size, seed=0, pin_memory=any(d.type == "cuda" for d in devices))
         batches = list(loaders["train"])[: args.steps]
         warmup = len(batches) if args.warmup is None else args.warmup
         loading_s = time_loading(loaders)
-        for device_name in args.device:
-            device = torch.device(device_name)
+        for device_name, device in zip(args.device, devices):
             for name in args.configs:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 model, step, loss = build(data, device, CONFIGS[name], README_FLAGS[dataset], args)
-                gemm_before, stalls_before = gemm_gflops(device), stall_share()
+                gemm_before, stalls_before = gemm_gflops(device), stall_share(args.stall_seconds)
                 step_times = time_steps(step, batches, device, warmup, args.steps)
                 epoch_times = [sum(time_epoch(step, loaders, loss, device, dataset)) for _ in range(args.epochs)]
                 peak_mib = peak_memory_mib(device)          # before the profiler adds its own
@@ -237,7 +267,7 @@ def main() -> None:
                        "first_epoch_s": epoch_times[0] if epoch_times else float("nan"),
                        "peak_mem_mib": peak_mib, "loading_s": loading_s,
                        "step_gflop": gflop, "gemm_gflops": [gemm_before, gemm_gflops(device)],
-                       "stall_share": [stalls_before, stall_share()],
+                       "stall_share": [stalls_before, stall_share(args.stall_seconds)],
                        "breakdown_ms": phases, "breakdown_min_ms": phase_floor,
                        "floor_s": sum(phase_floor.values()) / 1000,
                        "flags": dict(batch_size=args.batch_size, num_L=args.num_L, num_K=args.num_K,

@@ -24,8 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import CONFIGS, PHASES, README_FLAGS, build, sync, time_epoch  # noqa: E402
-from dataloader.datasets import load_conversations  # noqa: E402
+from bench_train import CONFIGS, PHASES, README_FLAGS, build, checked_device, load_data, sync, time_epoch  # noqa: E402
 from dataloader.loaders import make_loaders  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
 
@@ -56,14 +55,15 @@ def main() -> None:
     p.add_argument("--num_K", type=int, default=1)
     p.add_argument("--steps", type=int, default=5, help="profiled steps (on different batches)")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--no-cuda-graphs", action="store_true", help="the context RNN eagerly on the GPU")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="the context RNN and the gradient shaping eagerly on the GPU")
     p.add_argument("--trace", default=None, help="write a Chrome trace here")
     p.add_argument("--epoch", action="store_true", help="also profile a whole epoch (cProfile)")
     args = p.parse_args()
     keep_freed_memory()                  # as training and bench_train.py run: no page faults per step
 
-    device = torch.device(args.device)
-    data = load_conversations(args.Dataset, Path(args.data_dir) / args.Dataset)
+    device = checked_device(args.device)
+    data = load_data(args.Dataset, Path(args.data_dir) / args.Dataset)
     loaders = make_loaders(data, args.batch_size, seed=0, pin_memory=device.type == "cuda")
     batches = [b.to(device) for b in list(loaders["train"])[: args.steps]]
     model, step, _ = build(data, device, CONFIGS[args.config], README_FLAGS[args.Dataset], args)

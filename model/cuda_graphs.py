@@ -157,9 +157,12 @@ class _RNNGraphs:
             # inside the graph (each replay reads the current weights); its warning about the
             # cost of that is meant for eager calls.
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-            for _ in range(WARMUP_RUNS):
-                y = layered_rnn(rnn, static_x, inputs[1:])
-                torch.autograd.grad(y, inputs, torch.ones_like(y))
+            # The warm-ups draw dropout masks: the generator is restored after them, so a run's
+            # numbers do not depend on when a shape was first seen (a resumed run captures anew).
+            with torch.random.fork_rng(devices=[static_x.device]):
+                for _ in range(WARMUP_RUNS):
+                    y = layered_rnn(rnn, static_x, inputs[1:])
+                    torch.autograd.grad(y, inputs, torch.ones_like(y))
             forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with capturing(forward, self.pool):
                 static_y = layered_rnn(rnn, static_x, inputs[1:])

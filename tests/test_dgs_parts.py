@@ -51,6 +51,8 @@ def test_shapley_efficiency_and_symmetry():
     v = torch.rand(8, 50)
     phi = shapley_values(v)
     assert torch.allclose(phi.sum(1), v[7] - v[0], atol=1e-6)
+    phi64 = shapley_values(v.double())                     # in the values' dtype: efficiency to 1e-15
+    assert phi64.dtype == torch.float64 and torch.allclose(phi64.sum(1), v[7].double() - v[0].double(), atol=1e-15)
     # players 0 and 1 symmetric: v(S ∪ {0}) = v(S ∪ {1}) for S without both
     sym = torch.rand(8, 5)
     sym[2] = sym[1]          # {1} = {0}
@@ -228,6 +230,23 @@ def test_per_tensor_shaping_by_hand():
     noisy, _ = shape_group_per_tensor(g, None, torch.tensor(0.5), True, 1.0)
     for part, original in zip((noisy - 0.5 * torch.cat(g)).split([40000, 30000]), g):
         assert part.std().item() == pytest.approx(original.std().item(), rel=0.03)
+
+
+def test_per_tensor_shaping_keeps_its_digits_where_the_sums_cancel():
+    """Where a statistic is a small difference of the float32 sums of pass 1, it is taken from the
+    vectors (CANCELLATION): ‖h‖ when g_u ≈ −2 g_mm (1 + cos ≈ 1e-7), the noise's std when a tensor's
+    mean is 1000 times its spread. Reference: the flat path in float64."""
+    torch.manual_seed(0)
+    a = [torch.randn(1000), torch.randn(30)]
+    b = [-2 * a[0] + 3e-4 * torch.randn(1000), torch.randn(30)]
+    got, _ = shape_group_per_tensor(a, b, None, False, 1.0)
+    want, _ = shape_group_flat([x.double() for x in a], [x.double() for x in b], None, False, 1.0)
+    assert got[:1000].norm().item() == pytest.approx(want[:1000].norm().item(), rel=1e-5)   # 0.4% off before
+    assert torch.allclose(got.double(), want, rtol=0, atol=3e-5 * want.abs().max().item())
+    g = [1.0 + 1e-3 * torch.randn(300000)]
+    torch.manual_seed(1)
+    noisy, _ = shape_group_per_tensor(g, None, torch.tensor(0.5), True, 1.0)
+    assert (noisy - 0.5 * g[0]).std().item() == pytest.approx(g[0].std().item(), rel=0.01)   # 3.4% short before
 
 
 def _replayed_by_calling(monkeypatch) -> list:

@@ -85,24 +85,60 @@ def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] |
     # Without MMPareto h = a and f = 1.
     k1, cos = (1.0, None) if b is None else pareto_weight(sq_a.sum(), sq_b.sum(), dot_ab.sum())
     k2 = 1 - k1
-    sq_h = (k1 * k1 * sq_a + k2 * k2 * sq_b + 2 * k1 * k2 * dot_ab).clamp_min(0)
+    sq_h = k1 * k1 * sq_a + k2 * k2 * sq_b + 2 * k1 * k2 * dot_ab
+    sq_sum = sq_a + sq_b + 2 * dot_ab                                     # ‖a + b‖²
+    var_h = (sq_h - (k1 * sum_a + k2 * sum_b) ** 2 / n) / (n - 1).clamp_min(1)
+    h_of = _recompute_cancelled(a, b, k1, k2, n, sq_a + sq_b, sq_h, sq_sum, var_h, gaussian_noise)
     factors = (torch.ones_like(n) if b is None else
-               magnitude_factors((sq_a + sq_b + 2 * dot_ab).clamp_min(0).sqrt(), sq_h.sqrt(), gamma))
+               magnitude_factors(sq_sum.clamp_min(0).sqrt(), sq_h.clamp_min(0).sqrt(), gamma))
     kappa = 1.0 if coeff is None else coeff.double()
     weight_a, weight_b = (kappa * factors * k1).tolist(), (kappa * factors * k2).tolist()
     out = a[0].new_empty(sum(sizes))
     if gaussian_noise:
-        var_h = (sq_h - (k1 * sum_a + k2 * sum_b) ** 2 / n) / (n - 1).clamp_min(1)
         stds = torch.where(n > 1, factors * var_h.clamp_min(0).sqrt(), torch.zeros_like(n)).tolist()
         standard_normal_(out)
     for p, out_p in enumerate(out.split(sizes)):                         # pass 2
-        if gaussian_noise:
-            out_p.mul_(stds[p]).add_(a[p], alpha=weight_a[p])
+        if not gaussian_noise:
+            out_p.zero_()
         else:
-            torch.mul(a[p], weight_a[p], out=out_p)
+            out_p.mul_(stds[p])
+        if b is not None and p in h_of:
+            # h first, as the flat path forms it: scaled apart, f k1 a and f k2 b would cancel.
+            out_p.add_(h_of[p], alpha=weight_a[p] / float(k1))
+        else:
+            out_p.add_(a[p], alpha=weight_a[p])
+            if b is not None:
+                out_p.add_(b[p], alpha=weight_b[p])
+    return out, None if cos is None else cos.to(out.dtype)
+
+
+# The sums of pass 1 are float32. Where a statistic is their difference and far smaller than
+# them, the digits it needs are lost: ‖h‖² or ‖a + b‖² when a and b nearly cancel, the variance
+# when a tensor's mean is far above its spread. Below this fraction of the terms it is taken from
+# the vectors themselves (rare: real gradients do not come near it).
+CANCELLATION = 1e-2
+
+
+def _recompute_cancelled(a: list[torch.Tensor], b: list[torch.Tensor] | None, k1, k2, n: torch.Tensor,
+                         sq_ab: torch.Tensor, sq_h: torch.Tensor, sq_sum: torch.Tensor, var_h: torch.Tensor,
+                         with_var: bool) -> dict[int, torch.Tensor]:
+    """Replace, in place, ‖h‖², ‖a + b‖² and var(h) of the tensors where they cancelled (above),
+    taken from h = k1 a + k2 b formed as the flat path forms it; sq_ab: ‖a‖² + ‖b‖². Returns
+    those tensors' h by index."""
+    k1, k2 = float(k1), float(k2)
+    lost = sq_h < CANCELLATION * max(k1, k2) ** 2 * sq_ab
+    if b is not None:
+        lost |= sq_sum < CANCELLATION * sq_ab
+    if with_var:
+        lost |= var_h * (n - 1) < CANCELLATION * sq_h
+    h_of = {}
+    for p in lost.nonzero().flatten().tolist():
+        h = h_of[p] = a[p] if b is None else torch.lerp(b[p], a[p], k1)
         if b is not None:
-            out_p.add_(b[p], alpha=weight_b[p])
-    return out, None if cos is None else cos.float()
+            sq_sum[p] = (a[p] + b[p]).double().square().sum()
+        sq_h[p] = h.double().square().sum()
+        var_h[p] = h.double().var() if h.numel() > 1 else 0.0
+    return h_of
 
 
 def _tensor_sums(a: list[torch.Tensor], b: list[torch.Tensor] | None) -> torch.Tensor:

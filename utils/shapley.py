@@ -45,7 +45,7 @@ def shapley_values(coalition_values: torch.Tensor) -> torch.Tensor:
     Efficiency holds exactly: Σ_m φ_m,i = v(M)_i − v(∅)_i.
     """
     n_modalities = (coalition_values.shape[0] - 1).bit_length()
-    return coalition_values.t() @ shapley_matrix(n_modalities, coalition_values.device)
+    return coalition_values.t() @ shapley_matrix(n_modalities, coalition_values.device).to(coalition_values.dtype)
 
 
 def true_label_probs(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
