@@ -56,9 +56,9 @@ def test_graphed_shaping_draws_what_the_eager_shaping_draws():
         got, got_cos = graphs(g_mm, g_uni, coeff, True, 0.8)
         torch.manual_seed(seed)
         want, want_cos = shape_groups(g_mm, g_uni, coeff, True, 0.8)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w)
-        torch.testing.assert_close(got_cos, want_cos)
+        for g, w in zip(got, want):     # the same draws; sums may differ in the last bit (other offsets)
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_cos, want_cos, rtol=1e-5, atol=1e-6)
     assert len(graphs.graphs) == 1
     first = graphs(g_mm, g_uni, coeff, True, 0.8)[0][0].clone()
     assert not torch.equal(first, graphs(g_mm, g_uni, coeff, True, 0.8)[0][0])   # each replay draws anew

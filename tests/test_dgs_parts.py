@@ -254,9 +254,9 @@ def _replayed_by_calling(monkeypatch) -> list:
     plumbing around it (inputs loaded, outputs read) is what is tested. Returns the captures made."""
     captures = []
 
-    def capture(body, device, pool):
+    def capture(body, device, pool, stream):
         captures.append(device)
-        return body, pool
+        return body, pool, stream
     monkeypatch.setattr(shaping_graph, "capture", capture)
     return captures
 

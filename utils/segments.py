@@ -36,11 +36,11 @@ def scale_segments_(flat: torch.Tensor, sizes: list[int], factors: torch.Tensor)
 
 # The GPU's version (tested against the per-tensor one on the CPU).
 def _scale_segments_batched_(flat: torch.Tensor, sizes: list[int], factors: torch.Tensor) -> torch.Tensor:
-    return flat.mul_(factors.index_select(0, _segment_ids(tuple(sizes), flat.device)))
+    return flat.mul_(factors.index_select(0, segment_ids(tuple(sizes), flat.device)))
 
 
 @functools.lru_cache(maxsize=32)
-def _segment_ids(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def segment_ids(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """[Σ sizes] int32: the tensor each element belongs to (int32: 42 MB for the text encoder)."""
     ids = torch.arange(len(sizes), dtype=torch.int32)
     return ids.repeat_interleave(torch.tensor(sizes)).to(device)

@@ -8,7 +8,8 @@ captured once and replayed: the step then copies the gradients into the graph's 
 concatenation each for g_mm and g_u) and launches the graph.
 
 - One graph per kind of call: with or without g_u (MMPareto), with or without κ (OGM, off
-  outside the modulation epochs). They share one memory pool: they never run at once.
+  outside the modulation epochs). They are captured on one side stream into one memory pool,
+  so their scratch memory is shared: they never run at once.
 - OGM-GE's noise is drawn inside the graph from torch's generator, which every replay
   advances: a new draw each step, and for the same seed the draws of the eager shaping.
 - The outputs are the graph's own buffers, overwritten by the next replay: the step hands them
@@ -22,16 +23,20 @@ from dataclasses import dataclass
 import torch
 
 from model.cuda_graphs import WARMUP_RUNS, capturing
+from utils.segments import segment_ids
 from utils.shaping import shape_flat
 
 
-def capture(body: Callable[[], None], device: torch.device, pool: tuple | None) -> tuple[Callable[[], None], tuple]:
+def capture(body: Callable[[], None], device: torch.device, pool: tuple | None,
+            stream: torch.cuda.Stream | None) -> tuple[Callable[[], None], tuple, torch.cuda.Stream]:
     """Capture `body`, which reads and writes fixed CUDA tensors only, into a CUDA graph in the
-    memory pool `pool` (a new one for None). Eager warm-up runs come first, on a side stream, and
-    leave torch's generator as they found it. Returns the graph's replay and the pool."""
+    memory pool `pool`, on the side stream `stream` (new ones for None). Eager warm-up runs come
+    first, on that stream, and leave torch's generator as they found it. Returns the graph's
+    replay, the pool and the stream: graphs captured on one stream can share a pool's memory
+    (the allocator reuses a block only on the stream that made it)."""
     with torch.cuda.device(device):
         pool = torch.cuda.graph_pool_handle() if pool is None else pool
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream() if stream is None else stream
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
@@ -41,7 +46,7 @@ def capture(body: Callable[[], None], device: torch.device, pool: tuple | None) 
             with capturing(graph, pool):
                 body()
         torch.cuda.current_stream().wait_stream(stream)
-    return graph.replay, pool
+    return graph.replay, pool, stream
 
 
 @dataclass
@@ -52,6 +57,7 @@ class _Graph:
     out: torch.Tensor                   # outputs: the shaped gradients, concatenated as the inputs
     cos: torch.Tensor | None            # [G]
     replay: Callable[[], None] = lambda: None
+    reads: tuple = ()                   # cached tensors the graph reads: kept alive with it
 
     def load(self, g_mm: list[list[torch.Tensor]], g_uni: list[list[torch.Tensor]] | None,
              coeff: torch.Tensor | None) -> None:
@@ -68,6 +74,7 @@ class ShapingGraphs:
     def __init__(self):
         self.graphs: dict[tuple, _Graph] = {}
         self.pool: tuple | None = None
+        self.stream: torch.cuda.Stream | None = None
 
     def __call__(self, g_mm: list[list[torch.Tensor]], g_uni: list[list[torch.Tensor]] | None,
                  coeff: torch.Tensor | None, gaussian_noise: bool, gamma: float
@@ -87,9 +94,9 @@ class ShapingGraphs:
                  gamma: float) -> _Graph:
         first, total, groups = g_mm[0][0], sum(map(sum, sizes)), len(sizes)
         graph = _Graph(g_mm=first.new_empty(total), g_uni=None if g_uni is None else first.new_empty(total),
-                       coeff=None if coeff is None else torch.empty_like(coeff), out=first.new_empty(total),
+                       coeff=None if coeff is None else first.new_empty(coeff.shape), out=first.new_empty(total),
                        cos=None if g_uni is None else first.new_empty(groups))
-        graph.load(g_mm, g_uni, coeff)        # the warm-up runs see real gradients
+        graph.load(g_mm, g_uni, coeff)        # the first warm-up run sees real gradients
 
         def body() -> None:
             flats, cosines, start = [], [], 0
@@ -104,5 +111,8 @@ class ShapingGraphs:
             if graph.cos is not None:
                 torch.stack(cosines, out=graph.cos)
 
-        graph.replay, self.pool = capture(body, first.device, self.pool)
+        graph.replay, self.pool, self.stream = capture(body, first.device, self.pool, self.stream)
+        # The per-element tensor ids of each group (utils/segments.py), from a bounded cache
+        # that may drop them later: the graph reads them at every replay.
+        graph.reads = tuple(segment_ids(group, first.device) for group in sizes)
         return graph
