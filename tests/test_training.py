@@ -16,6 +16,7 @@ from utils import main as entry
 from utils.dgs import DGSSettings, DGSStep, modality_scores, utterance_labels
 from utils.losses import unimodal_losses
 from utils.modulation import ogm_coefficients
+from utils.trainer import EpochStats
 from utils.pareto import pareto_combine
 from utils.runlog import RunLog
 from utils.trainer import evaluate
@@ -157,6 +158,22 @@ def test_plain_step_is_one_backward_of_the_summed_loss(small_batch):
     _, _, g_mm, g_u = _reference_grads(model, batch)
     w = model.linear_a.weight
     assert torch.allclose(w.grad, g_mm[id(w)] + g_u[id(w)], atol=1e-7)
+
+
+def test_epoch_stats_by_hand():
+    stats = EpochStats()
+    for loss, cos in ((1.0, [0.5, -0.2]), (3.0, [-0.1, -0.4]), (2.0, [0.3, 0.1])):
+        stats.add({"loss_mm": torch.tensor(loss), "loss_uni": torch.tensor([loss, 2 * loss]),
+                   "cos": torch.tensor(cos), "log_probs": torch.zeros(2, 3)})
+    means = stats.means()
+    assert set(means) == {"loss_mm", "loss_uni", "cos", "conflict"}
+    assert means["loss_mm"] == pytest.approx(2.0) and means["loss_uni"].tolist() == pytest.approx([2.0, 4.0])
+    assert means["cos"].tolist() == pytest.approx([0.7 / 3, -0.5 / 3])
+    assert means["conflict"].tolist() == pytest.approx([1 / 3, 2 / 3])
+    assert stats.first_bad_step() is None
+    stats.add({"loss_mm": torch.tensor(1.0), "loss_uni": torch.tensor([float("inf"), 0.0])})
+    stats.add({"loss_mm": torch.tensor(float("nan")), "loss_uni": torch.tensor([0.0, 0.0])})
+    assert stats.first_bad_step() == 3                    # a unimodal loss counts too
 
 
 # ------------------------------------------------------------------ full runs

@@ -53,27 +53,29 @@ def evaluate(model: M3Net, loader: DataLoader, loss_mm: nn.Module, device: torch
 
 @dataclass
 class EpochStats:
-    """Per-step statistics summed on the device; read once per epoch."""
+    """Per-step statistics, kept on the device as the steps return them and reduced once per
+    epoch (no op per step: on the GPU each would be a launch)."""
 
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    steps: int = 0
-    bad_step: torch.Tensor | None = None     # first step with a non-finite loss (-1: none)
+    steps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
-    def add(self, step_index: int, stats: dict[str, torch.Tensor]) -> None:
-        for key in ("loss_mm", "loss_uni", "shapley", "coeff", "cos"):
+    KEYS = ("loss_mm", "loss_uni", "shapley", "coeff", "cos")
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for key in self.KEYS:
             if key in stats:
-                value = stats[key].float()
-                self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
-        if "cos" in stats:
-            conflict = (stats["cos"] < 0).float()
-            self.sums["conflict"] = self.sums["conflict"] + conflict if "conflict" in self.sums else conflict
-        finite = torch.isfinite(stats["loss_mm"]) & torch.isfinite(stats["loss_uni"]).all()
-        bad = torch.where(finite, -1, step_index)
-        self.bad_step = bad if self.bad_step is None else torch.where(self.bad_step >= 0, self.bad_step, bad)
-        self.steps += 1
+                self.steps.setdefault(key, []).append(stats[key])
+
+    def first_bad_step(self) -> int | None:
+        """Index of the first step whose losses are not all finite; None if none."""
+        losses = torch.cat([torch.stack(self.steps["loss_mm"])[:, None], torch.stack(self.steps["loss_uni"])], 1)
+        bad = (~torch.isfinite(losses).all(1)).nonzero()
+        return int(bad[0]) if len(bad) else None
 
     def means(self) -> dict[str, np.ndarray]:
-        return {k: (v / self.steps).cpu().numpy() for k, v in self.sums.items()}
+        per_step = {k: torch.stack(v).float() for k, v in self.steps.items()}
+        if "cos" in per_step:
+            per_step["conflict"] = (per_step["cos"] < 0).float()
+        return {k: v.mean(0).cpu().numpy() for k, v in per_step.items()}
 
 
 class Trainer:
@@ -95,19 +97,19 @@ class Trainer:
         self.loaders["train"].generator.manual_seed(args.seed * 100003 + epoch)
         modulation_on = args.modulation_starts <= epoch <= args.modulation_ends
         self.model.train()
-        stats, preds, labels = EpochStats(), [], []
-        for i, batch in enumerate(_progress(self.loaders["train"], f"epoch {epoch}")):
+        stats, log_probs, labels = EpochStats(), [], []
+        for batch in _progress(self.loaders["train"], f"epoch {epoch}"):
             step_stats = self.step(batch.to(self.device, non_blocking=True), modulation_on)
-            stats.add(i, step_stats)
-            preds.append(step_stats["log_probs"].argmax(-1))
+            stats.add(step_stats)
+            log_probs.append(step_stats["log_probs"])
             labels.append(step_stats["labels"])
-        bad = int(stats.bad_step.item())
-        if bad >= 0:
+        bad = stats.first_bad_step()
+        if bad is not None:
             raise TrainingDiverged(f"the loss became NaN/Inf at epoch {epoch + 1}/{args.epochs} (epoch {epoch} in "
-                                   f"{METRICS_FILE}), step {bad + 1}/{stats.steps}; "
+                                   f"{METRICS_FILE}), step {bad + 1}/{len(labels)}; "
                                    f"{self.log.dir / 'last.pt'} holds the last good epoch")
         means = stats.means()
-        preds_np, labels_np = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+        preds_np, labels_np = torch.cat(log_probs).argmax(-1).cpu().numpy(), torch.cat(labels).cpu().numpy()
         train = {"loss": float(means["loss_mm"]), **classification_metrics(labels_np, preds_np, args.Dataset)}
         return train, means
 
