@@ -1,7 +1,9 @@
 """Loading M3Net state_dicts and our own checkpoints; writing checkpoints atomically."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +110,18 @@ def load_model_state(model: M3Net, state: dict[str, torch.Tensor]) -> list[str]:
     return fresh
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
+def save_atomic(obj: Any, path: str | Path, also: str | Path | None = None) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file.
+
+    `also`: a second path that gets the same file, before `path` does (a hard link to the written
+    file, so a checkpoint of 150 MB is written once; a copy where the file system has no links).
+    """
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+        if also is not None:
+            with atomic_path(also) as also_tmp:
+                also_tmp.unlink(missing_ok=True)          # what a killed save left there
+                try:
+                    os.link(tmp, also_tmp)
+                except OSError:
+                    shutil.copyfile(tmp, also_tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,6 +228,25 @@ def test_a_text_file_given_as_checkpoint_is_named_as_such(tmp_path):
 
 
 # =========================================================================== atomic writes
+def test_save_atomic_writes_a_second_path_once_and_before_the_first(tmp_path, monkeypatch):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    save_atomic({"epoch": torch.tensor(0)}, last, also=best)
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+    assert os.path.samefile(last, best)                       # one file written, linked
+    save_atomic({"epoch": torch.tensor(1)}, last)              # not the best epoch: best.pt keeps epoch 0
+    assert torch.load(best, weights_only=True)["epoch"].item() == 0
+    assert torch.load(last, weights_only=True)["epoch"].item() == 1
+    (tmp_path / ".best.pt.tmp").write_bytes(b"left by a killed save")
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(Path(b).name), real_replace(a, b)))
+    monkeypatch.setattr(os, "link", lambda a, b: (_ for _ in ()).throw(OSError("no links here")))
+    save_atomic({"epoch": torch.tensor(2)}, last, also=best)   # a file system without links: a copy
+    assert renamed == ["best.pt", "last.pt"]                   # a crash between keeps last.pt older
+    assert not os.path.samefile(last, best) and sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+    assert [torch.load(p, weights_only=True)["epoch"].item() for p in (best, last)] == [2, 2]
+
+
 def test_save_atomic_replaces_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / "last.pt"
     save_atomic({"step": torch.tensor(1)}, path)

@@ -138,12 +138,14 @@ class Trainer:
             self.log.epoch(record)
             self.log.line(_epoch_line(record, args.epochs))
             score = results[self.select_on]["weighted_f1"]
-            if score > self.best["score"]:
+            improved = score > self.best["score"]
+            if improved:
                 self.best = {"epoch": epoch, "score": score, "record": record,
                              "test_preds": results["test"]["preds"].tolist(),
                              "test_labels": results["test"]["labels"].tolist()}
-                save_atomic(self.checkpoint(epoch, record), self.log.dir / "best.pt")
-            save_atomic(self.checkpoint(epoch, record), self.log.dir / "last.pt")
+            # best.pt, when this epoch is the best, is the same file (written once, best.pt first).
+            save_atomic(self.checkpoint(epoch, record), self.log.dir / "last.pt",
+                        also=self.log.dir / "best.pt" if improved else None)
         return self.summary()
 
     def checkpoint(self, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
