@@ -97,18 +97,19 @@ def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] |
     if gaussian_noise:
         stds = torch.where(n > 1, factors * var_h.clamp_min(0).sqrt(), torch.zeros_like(n)).tolist()
         standard_normal_(out)
+    weight_h = (kappa * factors).tolist()
     for p, out_p in enumerate(out.split(sizes)):                         # pass 2
-        if not gaussian_noise:
-            out_p.zero_()
-        else:
-            out_p.mul_(stds[p])
         if b is not None and p in h_of:
             # h first, as the flat path forms it: scaled apart, f k1 a and f k2 b would cancel.
-            out_p.add_(h_of[p], alpha=weight_a[p] / float(k1))
+            terms = [(h_of[p], weight_h[p])]
         else:
-            out_p.add_(a[p], alpha=weight_a[p])
-            if b is not None:
-                out_p.add_(b[p], alpha=weight_b[p])
+            terms = [(a[p], weight_a[p])] + ([] if b is None else [(b[p], weight_b[p])])
+        if gaussian_noise:
+            out_p.mul_(stds[p])
+        else:
+            torch.mul(*terms.pop(0), out=out_p)
+        for x, weight in terms:
+            out_p.add_(x, alpha=weight)
     return out, None if cos is None else cos.to(out.dtype)
 
 
