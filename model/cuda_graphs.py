@@ -175,16 +175,25 @@ class _RNNGraphs:
         return self.shapes[key]
 
 
+class CudaGraphError(RuntimeError):
+    """A CUDA graph capture failed; the message says how to train without the graphs."""
+
+
 @contextlib.contextmanager
 def capturing(graph: torch.cuda.CUDAGraph, pool: tuple) -> Iterator[None]:
     """Capture the current stream's work into `graph`, ended even if the work raises (an
     unended capture would break every later call on the stream). thread_local: a DataLoader's
-    pin-memory thread may call CUDA meanwhile."""
-    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+    pin-memory thread may call CUDA meanwhile. A failure is re-raised as CudaGraphError."""
     try:
-        yield
-    finally:
-        graph.capture_end()
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            yield
+        finally:
+            graph.capture_end()
+    except Exception as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CudaGraphError(f"capturing a CUDA graph failed ({cause}); --no-cuda-graphs trains without "
+                             f"them") from e
 
 
 class _Replay(torch.autograd.Function):

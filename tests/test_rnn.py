@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from model.cuda_graphs import can_graph, layered_rnn
+from model.cuda_graphs import CudaGraphError, can_graph, capturing, layered_rnn
 from model import rnn
 from model.graph import build_graph
 from model.rnn import bidirectional_gru, expect_cotangent
@@ -182,3 +182,34 @@ def test_cuda_graphs_apply_only_to_trained_rnns_on_the_gpu():
     gru, x = _gru(6, 5, 2), torch.randn(4, 2, 6, dtype=torch.double)
     assert not can_graph(gru, x)                                   # a CPU input
     assert not can_graph(torch.nn.Linear(6, 5), x)
+
+
+class _Graph:
+    """Stands in for torch.cuda.CUDAGraph: records the calls; capture_begin may fail."""
+
+    def __init__(self, begin_error: Exception | None = None):
+        self.calls, self.begin_error = [], begin_error
+
+    def capture_begin(self, pool, capture_error_mode):
+        self.calls.append(("begin", capture_error_mode))
+        if self.begin_error:
+            raise self.begin_error
+
+    def capture_end(self):
+        self.calls.append(("end",))
+
+
+def test_a_failed_capture_is_ended_and_says_how_to_train_without_graphs():
+    graph = _Graph()
+    with pytest.raises(CudaGraphError) as failed:
+        with capturing(graph, pool=None):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+    assert graph.calls == [("begin", "thread_local"), ("end",)]          # the capture was ended
+    assert str(failed.value) == ("capturing a CUDA graph failed (operation not permitted when stream is capturing); "
+                                 "--no-cuda-graphs trains without them")
+    assert isinstance(failed.value.__cause__, RuntimeError)
+    graph = _Graph(begin_error=RuntimeError("CUDA error: out of memory"))
+    with pytest.raises(CudaGraphError, match=r"failed \(CUDA error: out of memory\); --no-cuda-graphs"):
+        with capturing(graph, pool=None):
+            pass
+    assert graph.calls == [("begin", "thread_local")]                  # nothing begun, nothing to end

@@ -11,15 +11,15 @@ from dataloader.datasets import load_conversations
 from dataloader.loaders import make_loaders
 from model import M3Net, ModelConfig
 from model import graph, rnn
+from model.cuda_graphs import CudaGraphError
 from utils import dgs
 from utils import main as entry
 from utils.dgs import DGSSettings, DGSStep, modality_scores, utterance_labels
 from utils.losses import unimodal_losses
 from utils.modulation import ogm_coefficients
-from utils.trainer import EpochStats
 from utils.pareto import pareto_combine
 from utils.runlog import RunLog
-from utils.trainer import evaluate
+from utils.trainer import EpochStats, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {"IEMOCAP": dict(seed=1475, use_modal=True, pareto_gamma=0.2, epochs=2),
@@ -495,6 +495,14 @@ def test_checkpoint_of_the_other_dataset_names_its_script(capsys, tmp_path, meld
                                        str(meld_dir), "--log-dir", str(tmp_path / "t"), *FAST])
     assert (status, err.strip()) == (2, f"error: checkpoint {tmp_path / 'best.pt'} was trained on IEMOCAP: use "
                                         f"run/train_OGM_Shapley_MMPareto_IEMOCAP.py with IEMOCAP data")
+
+
+def test_a_failed_cuda_graph_capture_is_one_line_and_exit_1(capsys, monkeypatch):
+    def failing(*_):
+        raise CudaGraphError("capturing a CUDA graph failed (x); --no-cuda-graphs trains without them")
+    monkeypatch.setattr(entry, "train", failing)
+    status, _, err = run_main(capsys, [])
+    assert (status, err) == (1, "error: capturing a CUDA graph failed (x); --no-cuda-graphs trains without them\n")
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):

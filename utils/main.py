@@ -14,6 +14,7 @@ import torch
 from dataloader.datasets import Conversations, DataError, load_conversations
 from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state, read_checkpoint
+from model.cuda_graphs import CudaGraphError
 from model.graph import GraphCapacityError, check_capacity
 from model.m3net import M3Net, ModelConfig
 from utils.config import architecture_differences, given_flags, parse_args
@@ -39,7 +40,7 @@ def main(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = No
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CudaGraphError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
