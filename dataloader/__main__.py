@@ -1,6 +1,6 @@
 """Validate a dataset folder and summarise it.
 
-    python -m dataloader --Dataset IEMOCAP|MELD --data-dir DIR [--json]
+    python -m dataloader --Dataset IEMOCAP|MELD [--data-dir DIR] [--json]
 
 Exit status 0 when the data loads, 2 with a one-line error (no traceback) when it does not.
 """
@@ -12,7 +12,7 @@ import sys
 
 from utils.errors import OneLineParser
 
-from .datasets import DATASETS, Conversations, DataError, load_conversations
+from .datasets import DATASETS, Conversations, DataError, find_data_dir, load_conversations
 
 
 def summary(conversations: Conversations) -> dict:
@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m dataloader", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--Dataset", required=True, choices=sorted(DATASETS))
-    parser.add_argument("--data-dir", default=".",
-                        help="folder holding <Dataset>_features/ (default: the current one)")
+    parser.add_argument("--data-dir", help="folder holding <Dataset>_features/ (default: as training finds it, "
+                                           "the current folder, else the repository's data/)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
-        conversations = load_conversations(args.Dataset, args.data_dir)
+        conversations = load_conversations(args.Dataset, find_data_dir(args.Dataset, args.data_dir))
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

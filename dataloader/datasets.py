@@ -163,6 +163,22 @@ def data_files(dataset: str, data_dir: str | Path) -> tuple[Path, Path]:
     return paths
 
 
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def find_data_dir(dataset: str, data_dir: str | Path | None = None) -> Path:
+    """data_dir when given; else the current directory or, failing that, the repository's data/
+    (the first holding <Dataset>_features/). DataError when neither does."""
+    if data_dir:
+        return Path(data_dir)
+    folder = dataset_info(dataset).folder
+    for candidate in (Path.cwd(), REPO_DATA):
+        if (candidate / folder).is_dir():
+            return candidate
+    raise DataError(f"no {folder}/ in the current directory or in {REPO_DATA}: pass --data-dir, or make "
+                    f"synthetic features with: python -m dataloader.synthetic --Dataset {dataset} --out {REPO_DATA}")
+
+
 def load_conversations(dataset: str, data_dir: str | Path) -> Conversations:
     """Load, validate and convert both pickles of a dataset; splits 'train' and 'test'.
 

@@ -1,7 +1,7 @@
 """Synthetic IEMOCAP / MELD feature pickles with the public layouts (SPEC §2).
 
     python -m dataloader.synthetic --Dataset IEMOCAP|MELD --out DIR [--scale F] [--seed N]
-    python -m dataloader.synthetic --probe --Dataset IEMOCAP|MELD --data-dir DIR
+    python -m dataloader.synthetic --probe --Dataset IEMOCAP|MELD [--data-dir DIR]
 
 The real features sit behind a licence, so tests, benchmarks and smoke runs use these files.
 How the data is made:
@@ -45,7 +45,7 @@ import numpy as np
 from utils.errors import OneLineParser
 from utils.runlog import atomic_path
 
-from .datasets import DATASETS, TEXT_DIM, VISUAL_DIM, DataError, DatasetInfo, load_conversations
+from .datasets import DATASETS, TEXT_DIM, VISUAL_DIM, DataError, DatasetInfo, find_data_dir, load_conversations
 
 PICKLE_PROTOCOL = 4
 LATENT_DIM = 12      # signal subspace of each modality
@@ -419,14 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", action="store_true",
                         help="instead of generating, score per-modality logistic regressions "
                              "on the data in --data-dir")
-    parser.add_argument("--data-dir", help="with --probe: folder holding <Dataset>_features/")
+    parser.add_argument("--data-dir", help="with --probe: folder holding <Dataset>_features/ (default: as "
+                                           "training finds it, the current folder, else the repository's data/)")
     parser.add_argument("--json", action="store_true", help="with --probe: print one JSON object")
     args = parser.parse_args(argv)
     try:
         if args.probe:
-            if not args.data_dir:
-                parser.error("--probe needs --data-dir")
-            scores = probe(args.Dataset, args.data_dir)
+            scores = probe(args.Dataset, find_data_dir(args.Dataset, args.data_dir))
             if args.json:
                 print(json.dumps({"dataset": args.Dataset, "weighted_f1": scores}))
             else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -15,7 +16,8 @@ import torch
 
 from dataloader import (DataError, collate, load_conversations, make_loaders,
                         split_train_valid)
-from dataloader.datasets import DATASETS
+from dataloader import datasets
+from dataloader.datasets import DATASETS, find_data_dir
 from dataloader.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,9 +352,24 @@ def test_unreadable_pickle(tiny_iemocap, tmp_path):
 
 # ------------------------------------------------------------------ CLI
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dataloader", *args], cwd=REPO,
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dataloader", *args], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=120)
+
+
+def test_cli_finds_the_data_where_training_does(meld_dir, tmp_path, monkeypatch):
+    """Without --data-dir: the current folder, else the repository's data/ (find_data_dir)."""
+    result = _cli("--Dataset", "MELD", "--json", cwd=meld_dir)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["dataset"] == "MELD"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "REPO_DATA", meld_dir)
+    assert find_data_dir("MELD") == meld_dir
+    monkeypatch.setattr(datasets, "REPO_DATA", tmp_path / "data")
+    with pytest.raises(DataError, match=r"^no MELD_features/ in the current directory or in .*/data: pass --data-dir, "
+                                        r"or make synthetic features with: python -m dataloader.synthetic --Dataset MELD"):
+        find_data_dir("MELD")
+    assert find_data_dir("MELD", "elsewhere") == Path("elsewhere")
 
 
 def test_cli_json_summary(meld_dir):

@@ -1,5 +1,6 @@
 """The DGS step's gradients, and full runs of the entry point: outputs, resume, testing, errors."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -459,6 +460,61 @@ def test_seed_readme_command_runs_from_inside_run(tmp_path, meld_dir):
     assert done.returncode == 0, done.stderr
     assert "epoch 1/1" in done.stdout
     assert len(list((run_dir / "runs").glob("MELD-*/summary.json"))) == 1
+
+
+def test_a_run_stopped_in_its_first_epoch_leaves_a_folder_new_runs_refuse(capsys, tmp_path, meld_dir, monkeypatch):
+    def stopped(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(entry.Trainer, "fit", stopped)
+    log = tmp_path / "killed"
+    argv = ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST]
+    status, _, err = run_main(capsys, argv)
+    assert (status, err) == (130, f"interrupted in the first epoch: nothing saved to continue from; remove {log} "
+                                  f"before reusing it\n")
+    assert sorted(p.name for p in log.iterdir()) == [".lock", "metrics.jsonl", "train.log"]
+    monkeypatch.undo()
+    status, _, err = run_main(capsys, argv)
+    assert status == 2 and "holds a run that stopped before it saved its first last.pt" in err
+
+
+def test_interrupted_and_finished_runs_say_how_to_go_on(capsys, tmp_path, meld_dir, monkeypatch):
+    log = tmp_path / "done"
+    argv = ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST]
+    assert run_main(capsys, [*argv, "--epochs", "1"])[0] == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(entry.Trainer, "fit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+        status, _, err = run_main(capsys, [*argv, "--resume", "--epochs", "3"])
+    assert (status, err) == (130, f"interrupted ({log / 'last.pt'} keeps the last finished epoch: continue it with "
+                                  f"--resume --log-dir {log})\n")
+    status, _, err = run_main(capsys, [*argv, "--resume"])              # its saved --epochs 1: no more to do
+    assert (status, err) == (2, f"error: --resume: the run in {log} has finished 1 of its 1 epochs, and --epochs "
+                                f"1 asks for no more: give --epochs above 1 to continue it\n")
+
+
+@pytest.mark.parametrize("blocked", [".lock", "train.log"])
+def test_a_log_dir_that_cannot_be_written_is_one_line(capsys, tmp_path, meld_dir, blocked):
+    log = tmp_path / "blocked"
+    (log / blocked).mkdir(parents=True)          # unwritable even for root, unlike a chmod
+    status, out, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST])
+    assert status == 2 and out == ""
+    assert re.fullmatch(rf"error: --log-dir {re.escape(str(log))}: cannot write in it \(Is a directory\)\n", err)
+
+
+def test_a_closed_stdout_does_not_stop_the_run(tmp_path, meld_dir):
+    """`python ... | head -1`: the run goes on into train.log, and ends cleanly."""
+    log = tmp_path / "piped"
+    cmd = [sys.executable, "-u", str(REPO / "run" / "train_OGM_Shapley_MMPareto_MELD.py"), "--data-dir", str(meld_dir),
+           "--log-dir", str(log), "--epochs", "2", *FAST]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        first = run.stdout.readline()
+        run.stdout.close()                       # the reader goes away
+        stderr = run.stderr.read()
+    assert first.startswith("MELD: train ")
+    assert run.returncode == 0, stderr
+    assert stderr == ""
+    text = (log / "train.log").read_text()
+    assert "epoch 2/2" in text and "selected epoch" in text
+    assert [json.loads(line)["epoch"] for line in (log / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 def test_new_run_refuses_a_log_dir_holding_a_run(capsys, tmp_path, meld_dir):

@@ -27,11 +27,18 @@ def _no_effect(help_text: str = "") -> str:
     return f"{help_text} [accepted for compatibility; no effect]".strip()
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: there the help says what happens without the flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser(dataset: str, defaults: dict[str, Any]) -> argparse.ArgumentParser:
     """The parser of run/train_OGM_Shapley_MMPareto_<dataset>.py with that dataset's defaults."""
     p = OneLineParser(
         description=f"Train (or --testing: evaluate) M3Net with Dynamic Gradient Shaping on {dataset}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     flag = argparse.BooleanOptionalAction
 
@@ -47,7 +54,7 @@ def build_parser(dataset: str, defaults: dict[str, Any]) -> argparse.ArgumentPar
     g.add_argument("--rec-dropout", type=float, default=0.1, help=_no_effect())
     g.add_argument("--dropout", type=float, default=0.5, help="dropout before smax_fc and between RNN layers")
     g.add_argument("--batch-size", type=int, default=8, help="dialogues per batch")
-    g.add_argument("--epochs", type=int, default=80)
+    g.add_argument("--epochs", type=int, default=80, help="training epochs")
     g.add_argument("--class-weight", action=flag, default=True,
                    help="IEMOCAP: weight the NLL by 1/class prior of the training labels")
     g.add_argument("--active-listener", action="store_true", help=_no_effect())

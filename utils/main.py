@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dataloader.datasets import Conversations, DataError, load_conversations
+from dataloader.datasets import Conversations, DataError, find_data_dir, load_conversations
 from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state, read_checkpoint
 from model.cuda_graphs import CudaGraphError
@@ -24,9 +24,6 @@ from utils.errors import UserError
 from utils.losses import inverse_prior_weights, multimodal_loss
 from utils.runlog import METRICS_FILE, RunLog, write_json
 from utils.trainer import Trainer, TrainingDiverged, evaluate
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def main(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = None) -> None:
     """Parse flags, then train or test. User errors: one line on stderr, exit status 2."""
@@ -43,25 +40,30 @@ def main(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = No
     except (TrainingDiverged, CudaGraphError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted (a training run keeps its last finished epoch in <log dir>/last.pt: continue it "
-              "with --resume --log-dir <log dir>)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(_interrupted(getattr(e, "log_dir", None)), file=sys.stderr)
         sys.exit(130)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a training run, whose log dir is known."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__(str(log_dir))
+        self.log_dir = log_dir
+
+
+def _interrupted(log_dir: Path | None) -> str:
+    if log_dir is None:
+        return ("interrupted (a training run keeps its last finished epoch in <log dir>/last.pt: continue it "
+                "with --resume --log-dir <log dir>)")
+    if not (log_dir / "last.pt").is_file():
+        return f"interrupted in the first epoch: nothing saved to continue from; remove {log_dir} before reusing it"
+    return (f"interrupted ({log_dir / 'last.pt'} keeps the last finished epoch: continue it with --resume "
+            f"--log-dir {log_dir})")
+
+
 # ---------------------------------------------------------------------- set-up
-def resolve_data_dir(args: argparse.Namespace) -> Path:
-    """--data-dir, else the current directory, else the repo's data/ (first holding <Dataset>_features)."""
-    if args.data_dir:
-        return Path(args.data_dir)
-    folder = f"{args.Dataset}_features"
-    for candidate in (Path.cwd(), REPO / "data"):
-        if (candidate / folder).is_dir():
-            return candidate
-    raise UserError(f"no {folder}/ in the current directory or in {REPO / 'data'}: pass --data-dir, or make "
-                    f"synthetic features with: python -m dataloader.synthetic --Dataset {args.Dataset} --out {REPO / 'data'}")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -145,7 +147,7 @@ def _check_batches(loaders: dict, batch_size: int, n_modalities: int) -> None:
 def setup(args: argparse.Namespace) -> tuple[Conversations, dict, M3Net, torch.nn.Module, torch.device, RunLog]:
     """Everything a run needs, checked before the log dir is created (a failed start writes nothing)."""
     device = pick_device(args)
-    data = load_conversations(args.Dataset, resolve_data_dir(args))
+    data = load_conversations(args.Dataset, find_data_dir(args.Dataset, args.data_dir))
     seed_everything(args.seed)
     try:
         loaders = make_loaders(data, args.batch_size, valid_frac=args.valid, seed=args.seed,
@@ -175,9 +177,15 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
                         f"nothing to resume; remove that folder or pick another")
     if args.resume:
         args, resume_from = resume_point(args, given)
+        done = resume_from["epoch"] + 1
+        if args.epochs <= done:
+            raise UserError(f"--resume: the run in {log_dir} has finished {done} of its "
+                            f"{resume_from['args']['epochs']} epochs, and --epochs {args.epochs} asks for no more: "
+                            f"give --epochs above {done} to continue it")
     elif holds_run:
         raise UserError(f"--log-dir {log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
+    log.metrics_path.touch()     # marks the folder as a run's from its first epoch on (see above)
     splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in loaders.items())
     log.line(f"{args.Dataset}: {splits}; on {device}; log dir {log.dir}")
     log.line("flags: " + " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())))
@@ -190,7 +198,10 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     with log:
         if resume_from is not None:
             trainer.resume(resume_from, log.dir / "last.pt")
-        trainer.fit()
+        try:
+            trainer.fit()
+        except KeyboardInterrupt:
+            raise RunInterrupted(log.dir) from None
 
 
 # What a resumed run may change: where things are and how long it goes on.

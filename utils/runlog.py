@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,16 +50,28 @@ class RunLog:
         summary_writer = _summary_writer_class() if tensorboard else None
         self.dir = _make_dir(log_dir, fresh)
         self._lock = _lock_dir(self.dir)
-        self._text = open(self.dir / "train.log", "a", buffering=1)
+        try:
+            self._text = open(self.dir / "train.log", "a", buffering=1)
+        except OSError as e:
+            self._lock.close()
+            raise UserError(f"--log-dir {self.dir}: cannot write in it ({e.strerror})") from None
         self._writer = summary_writer(str(self.dir)) if summary_writer else None
+        self._stdout = True
 
     @property
     def metrics_path(self) -> Path:
         return self.dir / METRICS_FILE
 
     def line(self, text: str) -> None:
-        print(text, flush=True)
         self._text.write(text + "\n")
+        if self._stdout:
+            try:
+                print(text, flush=True)
+            except BrokenPipeError:
+                # Whatever read stdout is gone (`| head`, a closed terminal): the run goes on, into
+                # train.log alone. stdout now writes to nowhere, so that exit has nothing to fail on.
+                self._stdout = False
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     def epoch(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
@@ -118,7 +131,10 @@ def _make_dir(path: Path, fresh: bool) -> Path:
 def _lock_dir(folder: Path) -> TextIO:
     """Hold an exclusive lock on folder/.lock while the run lives (the OS drops it when the process
     ends, however it ends): a second run writing into the same folder is refused."""
-    handle = open(folder / ".lock", "a")
+    try:
+        handle = open(folder / ".lock", "a")
+    except OSError as e:
+        raise UserError(f"--log-dir {folder}: cannot write in it ({e.strerror})") from None
     if fcntl is not None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
