@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{args.Dataset} {name:<7} test weighted F1 {value:.4f}")
             return 0
         if not args.out:
-            parser.error("--out is required (or use --probe --data-dir DIR)")
+            parser.error("--out is required (or use --probe [--data-dir DIR])")
         if not 0 < args.scale < float("inf"):
             parser.error(f"--scale must be a positive number, got {args.scale}")
         if args.seed < 0:
@@ -442,8 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = generate(args.Dataset, args.out, scale=args.scale, seed=args.seed, overwrite=args.overwrite)
         print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
         return 0
-    except (DataError, OSError) as exc:
+    except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:          # --out not a folder, not writable, a full disk
+        print(f"error: --out {args.out}: cannot write {exc.filename or args.out} ({exc.strerror})", file=sys.stderr)
         return 2
 
 

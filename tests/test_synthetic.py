@@ -137,10 +137,17 @@ def test_modality_imbalance_at_small_scale(tmp_path):
     assert scores["all"] > scores["text"] + 0.02
 
 
+def test_synthetic_out_that_is_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "afile").write_text("")
+    assert synthetic.main(["--Dataset", "MELD", "--out", str(tmp_path / "afile"), "--scale", "0.01"]) == 2
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'afile'}: cannot write "
+                                       f"{tmp_path / 'afile' / 'MELD_features'} (Not a directory)\n")
+
+
 @pytest.mark.parametrize("module, argv, message", [
     (synthetic, ["--Dataset", "MELD", "--out", "x", "--scale", "inf"], "--scale must be a positive number, got inf"),
     (synthetic, ["--Dataset", "MELD", "--out", "x", "--seed", "-1"], "--seed must be non-negative, got -1"),
-    (synthetic, ["--Dataset", "MELD"], "--out is required (or use --probe --data-dir DIR)"),
+    (synthetic, ["--Dataset", "MELD"], "--out is required (or use --probe [--data-dir DIR])"),
     (summary_cli, ["--data-dir", "x"], "the following arguments are required: --Dataset"),
 ])
 def test_data_clis_report_bad_flags_in_one_line(capsys, tmp_path, monkeypatch, module, argv, message):

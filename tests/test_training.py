@@ -551,6 +551,14 @@ def test_checkpoint_of_the_other_dataset_names_its_script(capsys, tmp_path, meld
                                        str(meld_dir), "--log-dir", str(tmp_path / "t"), *FAST])
     assert (status, err.strip()) == (2, f"error: checkpoint {tmp_path / 'best.pt'} was trained on IEMOCAP: use "
                                         f"run/train_OGM_Shapley_MMPareto_IEMOCAP.py with IEMOCAP data")
+    # A raw M3Net state_dict has no flags: its classifier's 6 classes are IEMOCAP's.
+    data = load_conversations("MELD", meld_dir)
+    raw = M3Net(ModelConfig(6, 2, data.dims["audio"], data.dims["visual"])).state_dict()
+    torch.save({k: v for k, v in raw.items() if not k.startswith("head_")}, tmp_path / "raw.pt")
+    status, _, err = run_main(capsys, ["--testing", "--checkpoint", str(tmp_path / "raw.pt"), "--data-dir",
+                                       str(meld_dir), "--log-dir", str(tmp_path / "t2"), *FAST])
+    assert (status, err.strip()) == (2, f"error: checkpoint {tmp_path / 'raw.pt'} has the classifier of IEMOCAP: use "
+                                        f"run/train_OGM_Shapley_MMPareto_IEMOCAP.py with IEMOCAP data")
 
 
 def test_a_failed_cuda_graph_capture_is_one_line_and_exit_1(capsys, monkeypatch):

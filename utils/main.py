@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dataloader.datasets import Conversations, DataError, find_data_dir, load_conversations
+from dataloader.datasets import DATASETS, Conversations, DataError, find_data_dir, load_conversations
 from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state, read_checkpoint
 from model.cuda_graphs import CudaGraphError
@@ -99,9 +99,10 @@ def load_weights(model: M3Net, path: str, args: argparse.Namespace) -> str:
     of predictions."""
     checkpoint = read_checkpoint(path)
     saved_flags = checkpoint.get("args", {})       # none in a raw M3Net state_dict
-    trained_on = saved_flags.get("Dataset", args.Dataset)
+    trained_on = saved_flags.get("Dataset") or _dataset_of_classifier(checkpoint["model"]) or args.Dataset
     if trained_on != args.Dataset:
-        raise UserError(f"checkpoint {path} was trained on {trained_on}: use "
+        how = "was trained on" if "Dataset" in saved_flags else "has the classifier of"
+        raise UserError(f"checkpoint {path} {how} {trained_on}: use "
                         f"run/train_OGM_Shapley_MMPareto_{trained_on}.py with {trained_on} data")
     theirs, ours = architecture_differences(saved_flags, args)
     if theirs:
@@ -109,6 +110,15 @@ def load_weights(model: M3Net, path: str, args: argparse.Namespace) -> str:
                         f"{' '.join(ours)}: give the checkpoint's flags")
     fresh = load_model_state(model, checkpoint["model"])
     return f"loaded weights from {path}" + (f"; initialised {', '.join(fresh)}" if fresh else "")
+
+
+def _dataset_of_classifier(state: dict[str, torch.Tensor]) -> str | None:
+    """The dataset whose class count the state_dict's classifier (smax_fc) has, if exactly one."""
+    weight = state.get("smax_fc.weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    matching = [name for name, info in DATASETS.items() if len(info.class_names) == weight.shape[0]]
+    return matching[0] if len(matching) == 1 else None
 
 
 def check_batches_fit(loaders: dict, batch_size: int, n_modalities: int) -> None:
