@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from utils.errors import OneLineParser
+from utils.errors import OneLineParser, stdout_gone
 
 from .datasets import DATASETS, Conversations, DataError, find_data_dir, load_conversations
 
@@ -57,10 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(summary(conversations)))
-    else:
-        _print_table(conversations)
+    try:
+        if args.json:
+            print(json.dumps(summary(conversations)))
+        else:
+            _print_table(conversations)
+        sys.stdout.flush()
+    except BrokenPipeError:              # `| head`: stop quietly, as Python's own tools do
+        stdout_gone()
+        return 1
     return 0
 
 

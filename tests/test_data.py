@@ -357,6 +357,15 @@ def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def test_cli_stops_quietly_when_its_reader_goes_away(meld_dir):
+    """`python -m dataloader ... | head -1`: no traceback."""
+    with subprocess.Popen([sys.executable, "-m", "dataloader", "--Dataset", "MELD", "--data-dir", str(meld_dir)],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as cli:
+        cli.stdout.close()                      # gone before the tool has printed anything
+        stderr = cli.stderr.read()
+    assert (cli.returncode, stderr) == (1, "")
+
+
 def test_cli_finds_the_data_where_training_does(meld_dir, tmp_path, monkeypatch):
     """Without --data-dir: the current folder, else the repository's data/ (find_data_dir)."""
     result = _cli("--Dataset", "MELD", "--json", cwd=meld_dir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -15,3 +16,9 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def stdout_gone() -> None:
+    """Whatever read stdout went away (`| head`, a closed terminal): point stdout at nowhere, so
+    that later writes, and Python's flush at exit, have nothing to fail on."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from utils.errors import UserError
+from utils.errors import UserError, stdout_gone
 
 try:
     import fcntl
@@ -67,11 +66,9 @@ class RunLog:
         if self._stdout:
             try:
                 print(text, flush=True)
-            except BrokenPipeError:
-                # Whatever read stdout is gone (`| head`, a closed terminal): the run goes on, into
-                # train.log alone. stdout now writes to nowhere, so that exit has nothing to fail on.
+            except BrokenPipeError:          # the run goes on, into train.log alone
                 self._stdout = False
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                stdout_gone()
 
     def epoch(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
