@@ -517,6 +517,28 @@ def test_a_closed_stdout_does_not_stop_the_run(tmp_path, meld_dir):
     assert [json.loads(line)["epoch"] for line in (log / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
+def test_runs_save_their_data_dir_absolute_and_resume_only_with_their_script(capsys, tmp_path, meld_dir,
+                                                                              monkeypatch):
+    monkeypatch.chdir(meld_dir.parent)
+    log = tmp_path / "rel"
+    status, out, _ = run_main(capsys, ["--data-dir", meld_dir.name, "--log-dir", str(log), *FAST, "--epochs", "1"])
+    assert status == 0 and f"(from {meld_dir.resolve()}); on cpu" in out
+    assert torch.load(log / "last.pt", weights_only=False)["args"]["data_dir"] == str(meld_dir.resolve())
+    monkeypatch.chdir(tmp_path)                        # resumed from elsewhere: the saved path still holds
+    assert run_main(capsys, ["--resume", "--log-dir", str(log), "--epochs", "2"])[0] == 0
+    status, _, err = run_main(capsys, ["--resume", "--log-dir", str(log), "--epochs", "3"], dataset="IEMOCAP")
+    assert (status, err) == (2, f"error: --resume: {log / 'last.pt'} is a MELD run: continue it with "
+                                f"run/train_OGM_Shapley_MMPareto_MELD.py\n")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(capsys, tmp_path, meld_dir):
+    log = tmp_path / "full"
+    (log / ".last.pt.tmp").mkdir(parents=True)         # stands in for a full disk or a read-only folder
+    status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, "--epochs", "1"])
+    assert (status, err) == (2, f"error: cannot write the checkpoint of epoch 1/1: {log / '.last.pt.tmp'} "
+                                f"(Is a directory)\n")
+
+
 def test_new_run_refuses_a_log_dir_holding_a_run(capsys, tmp_path, meld_dir):
     log = tmp_path / "old"
     log.mkdir()

@@ -157,7 +157,9 @@ def _check_batches(loaders: dict, batch_size: int, n_modalities: int) -> None:
 def setup(args: argparse.Namespace) -> tuple[Conversations, dict, M3Net, torch.nn.Module, torch.device, RunLog]:
     """Everything a run needs, checked before the log dir is created (a failed start writes nothing)."""
     device = pick_device(args)
-    data = load_conversations(args.Dataset, find_data_dir(args.Dataset, args.data_dir))
+    # Absolute in the flags that are logged and saved: a --resume from another folder finds it.
+    args.data_dir = str(find_data_dir(args.Dataset, args.data_dir).resolve())
+    data = load_conversations(args.Dataset, args.data_dir)
     seed_everything(args.seed)
     try:
         loaders = make_loaders(data, args.batch_size, valid_frac=args.valid, seed=args.seed,
@@ -197,7 +199,7 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     data, loaders, model, loss_mm, device, log = setup(args)
     log.metrics_path.touch()     # marks the folder as a run's from its first epoch on (see above)
     splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in loaders.items())
-    log.line(f"{args.Dataset}: {splits}; on {device}; log dir {log.dir}")
+    log.line(f"{args.Dataset}: {splits} (from {args.data_dir}); on {device}; log dir {log.dir}")
     log.line("flags: " + " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())))
     optimizer = make_optimizer(model, args.lr, args.l2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_step, gamma=args.lr_decay_ratio)
@@ -231,6 +233,10 @@ def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
     state = read_checkpoint(last)
     if not all(key in state for key in RESUME_FIELDS):
         raise UserError(f"--resume: {last} is not a last.pt written by this project's training")
+    trained_on = state["args"].get("Dataset", args.Dataset)
+    if trained_on != args.Dataset:
+        raise UserError(f"--resume: {last} is a {trained_on} run: continue it with "
+                        f"run/train_OGM_Shapley_MMPareto_{trained_on}.py")
     # Flags newer than the run (absent from its saved ones) take this command line's values.
     saved = {**vars(args), **state["args"]}
     changed = sorted(name for name in given - set(RESUME_MAY_CHANGE) - {"log_dir", "resume"}

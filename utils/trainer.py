@@ -17,6 +17,7 @@ from tqdm import tqdm
 from model.checkpoint import save_atomic
 from model.m3net import M3Net
 from utils.dgs import DGSStep, utterance_labels
+from utils.errors import UserError
 from utils.metrics import classification_metrics, report
 from utils.runlog import METRICS_FILE, RunLog, write_json
 
@@ -144,8 +145,12 @@ class Trainer:
                              "test_preds": results["test"]["preds"].tolist(),
                              "test_labels": results["test"]["labels"].tolist()}
             # best.pt, when this epoch is the best, is the same file (written once, best.pt first).
-            save_atomic(self.checkpoint(epoch, record), self.log.dir / "last.pt",
-                        also=self.log.dir / "best.pt" if improved else None)
+            try:
+                save_atomic(self.checkpoint(epoch, record), self.log.dir / "last.pt",
+                            also=self.log.dir / "best.pt" if improved else None)
+            except OSError as e:             # a full disk, a folder gone or made read-only meanwhile
+                raise UserError(f"cannot write the checkpoint of epoch {epoch + 1}/{args.epochs}: "
+                                f"{e.filename or self.log.dir / 'last.pt'} ({e.strerror})") from None
         return self.summary()
 
     def checkpoint(self, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
