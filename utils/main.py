@@ -25,6 +25,7 @@ from utils.losses import inverse_prior_weights, multimodal_loss
 from utils.runlog import METRICS_FILE, RunLog, write_json
 from utils.trainer import Trainer, TrainingDiverged, evaluate
 
+
 def main(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = None) -> None:
     """Parse flags, then train or test. User errors: one line on stderr, exit status 2."""
     keep_freed_memory()
