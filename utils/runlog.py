@@ -50,10 +50,10 @@ class RunLog:
         self.dir = _make_dir(log_dir, fresh)
         self._lock = _lock_dir(self.dir)
         try:
-            self._text = open(self.dir / "train.log", "a", buffering=1)
-        except OSError as e:
+            self._text = _append_to(self.dir / "train.log", buffering=1)
+        except UserError:
             self._lock.close()
-            raise UserError(f"--log-dir {self.dir}: cannot write in it ({e.strerror})") from None
+            raise
         self._writer = summary_writer(str(self.dir)) if summary_writer else None
         self._stdout = True
 
@@ -125,13 +125,18 @@ def _make_dir(path: Path, fresh: bool) -> Path:
             raise UserError(f"--log-dir {candidate}: cannot create it ({e.strerror})") from None
 
 
+def _append_to(path: Path, buffering: int = -1) -> TextIO:
+    """`path` (in the log dir) opened for appending; a UserError naming the folder if it cannot be."""
+    try:
+        return open(path, "a", buffering=buffering)
+    except OSError as e:
+        raise UserError(f"--log-dir {path.parent}: cannot write in it ({e.strerror})") from None
+
+
 def _lock_dir(folder: Path) -> TextIO:
     """Hold an exclusive lock on folder/.lock while the run lives (the OS drops it when the process
     ends, however it ends): a second run writing into the same folder is refused."""
-    try:
-        handle = open(folder / ".lock", "a")
-    except OSError as e:
-        raise UserError(f"--log-dir {folder}: cannot write in it ({e.strerror})") from None
+    handle = _append_to(folder / ".lock")
     if fcntl is not None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -88,7 +88,7 @@ def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] |
     sq_h = k1 * k1 * sq_a + k2 * k2 * sq_b + 2 * k1 * k2 * dot_ab
     sq_sum = sq_a + sq_b + 2 * dot_ab                                     # ‖a + b‖²
     var_h = (sq_h - (k1 * sum_a + k2 * sum_b) ** 2 / n) / (n - 1).clamp_min(1)
-    h_of = _recompute_cancelled(a, b, k1, k2, n, sq_a + sq_b, sq_h, sq_sum, var_h, gaussian_noise)
+    h_of = _recompute_cancelled(a, b, k1, n, sq_a + sq_b, sq_h, sq_sum, var_h, gaussian_noise)
     factors = (torch.ones_like(n) if b is None else
                magnitude_factors(sq_sum.clamp_min(0).sqrt(), sq_h.clamp_min(0).sqrt(), gamma))
     kappa = 1.0 if coeff is None else coeff.double()
@@ -120,14 +120,14 @@ def shape_group_per_tensor(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] |
 CANCELLATION = 1e-2
 
 
-def _recompute_cancelled(a: list[torch.Tensor], b: list[torch.Tensor] | None, k1, k2, n: torch.Tensor,
-                         sq_ab: torch.Tensor, sq_h: torch.Tensor, sq_sum: torch.Tensor, var_h: torch.Tensor,
-                         with_var: bool) -> dict[int, torch.Tensor]:
+def _recompute_cancelled(a: list[torch.Tensor], b: list[torch.Tensor] | None, k1: torch.Tensor | float,
+                         n: torch.Tensor, sq_ab: torch.Tensor, sq_h: torch.Tensor, sq_sum: torch.Tensor,
+                         var_h: torch.Tensor, with_var: bool) -> dict[int, torch.Tensor]:
     """Replace, in place, ‖h‖², ‖a + b‖² and var(h) of the tensors where they cancelled (above),
-    taken from h = k1 a + k2 b formed as the flat path forms it; sq_ab: ‖a‖² + ‖b‖². Returns
-    those tensors' h by index."""
-    k1, k2 = float(k1), float(k2)
-    lost = sq_h < CANCELLATION * max(k1, k2) ** 2 * sq_ab
+    taken from h = k1 a + (1 − k1) b formed as the flat path forms it; sq_ab: ‖a‖² + ‖b‖².
+    Returns those tensors' h by index."""
+    k1 = float(k1)
+    lost = sq_h < CANCELLATION * max(k1, 1 - k1) ** 2 * sq_ab
     if b is not None:
         lost |= sq_sum < CANCELLATION * sq_ab
     if with_var:
