@@ -442,6 +442,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(capsys, tm
     assert status == 1
     assert f"at epoch 2/3 (epoch 1 in metrics.jsonl), step 2/{steps};" in err
     assert torch.load(log / "last.pt", weights_only=True)["epoch"] == 0
+    assert (log / "train.log").read_text().splitlines()[-1] == err.strip()      # the log says how the run ended
 
 
 def test_seed_readme_command_runs_from_inside_run(tmp_path, meld_dir):
@@ -472,6 +473,7 @@ def test_a_run_stopped_in_its_first_epoch_leaves_a_folder_new_runs_refuse(capsys
     assert (status, err) == (130, f"interrupted in the first epoch: nothing saved to continue from; remove {log} "
                                   f"before reusing it\n")
     assert sorted(p.name for p in log.iterdir()) == [".lock", "metrics.jsonl", "train.log"]
+    assert (log / "train.log").read_text().splitlines()[-1] == err.strip()
     monkeypatch.undo()
     status, _, err = run_main(capsys, argv)
     assert status == 2 and "holds a run that stopped before it saved its first last.pt" in err
@@ -486,6 +488,7 @@ def test_interrupted_and_finished_runs_say_how_to_go_on(capsys, tmp_path, meld_d
         status, _, err = run_main(capsys, [*argv, "--resume", "--epochs", "3"])
     assert (status, err) == (130, f"interrupted ({log / 'last.pt'} keeps the last finished epoch: continue it with "
                                   f"--resume --log-dir {log})\n")
+    assert (log / "train.log").read_text().splitlines()[-1] == err.strip()
     status, _, err = run_main(capsys, [*argv, "--resume"])              # its saved --epochs 1: no more to do
     assert (status, err) == (2, f"error: --resume: the run in {log} has finished 1 of its 1 epochs, and --epochs "
                                 f"1 asks for no more: give --epochs above 1 to continue it\n")
@@ -537,6 +540,15 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(capsys, tmp_path, meld_
     status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, "--epochs", "1"])
     assert (status, err) == (2, f"error: cannot write the checkpoint of epoch 1/1: {log / '.last.pt.tmp'} "
                                 f"(Is a directory)\n")
+    assert (log / "train.log").read_text().splitlines()[-1] == err.strip()
+
+
+def test_a_log_dir_whose_metrics_file_is_a_folder_is_refused(capsys, tmp_path, meld_dir):
+    log = tmp_path / "odd"
+    (log / "metrics.jsonl").mkdir(parents=True)
+    status, out, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST])
+    assert (status, out, err) == (2, "", f"error: --log-dir {log}: its metrics.jsonl is not a file; remove it or "
+                                         f"pick another folder\n")
 
 
 def test_new_run_refuses_a_log_dir_holding_a_run(capsys, tmp_path, meld_dir):

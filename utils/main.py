@@ -185,6 +185,8 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     resume_from = None
     log_dir = Path(args.log_dir) if args.log_dir else None
     holds_run = log_dir is not None and (log_dir / METRICS_FILE).exists()
+    if holds_run and not (log_dir / METRICS_FILE).is_file():
+        raise UserError(f"--log-dir {log_dir}: its {METRICS_FILE} is not a file; remove it or pick another folder")
     if holds_run and not (log_dir / "last.pt").is_file():
         raise UserError(f"--log-dir {log_dir} holds a run that stopped before it saved its first last.pt: there is "
                         f"nothing to resume; remove that folder or pick another")
@@ -209,12 +211,16 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     step = DGSStep(model, optimizer, loss_mm, settings)
     trainer = Trainer(args, model, step, scheduler, loaders, loss_mm, device, log, list(data.class_names))
     with log:
-        if resume_from is not None:
-            trainer.resume(resume_from, log.dir / "last.pt")
         try:
+            if resume_from is not None:
+                trainer.resume(resume_from, log.dir / "last.pt")
             trainer.fit()
         except KeyboardInterrupt:
+            log.ended(_interrupted(log.dir))
             raise RunInterrupted(log.dir) from None
+        except (UserError, DataError, TrainingDiverged, CudaGraphError) as e:
+            log.ended(f"error: {e}")
+            raise
 
 
 # What a resumed run may change: where things are and how long it goes on.

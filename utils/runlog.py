@@ -70,6 +70,11 @@ class RunLog:
                 self._stdout = False
                 stdout_gone()
 
+    def ended(self, text: str) -> None:
+        """The line a run ends on when it fails or is interrupted: into train.log alone (the entry
+        point prints it on stderr), so that the log says how the run ended."""
+        self._text.write(text + "\n")
+
     def epoch(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
