@@ -1,4 +1,4 @@
-"""Step and epoch time, and peak memory, of plain training vs full DGS (SPEC §6).
+"""Step and epoch time, and peak memory, of plain training vs full DGS.
 
     python benchmarks/bench_train.py --Dataset IEMOCAP MELD --device cpu [cuda] [--json out.json]
 

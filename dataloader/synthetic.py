@@ -1,4 +1,4 @@
-"""Synthetic IEMOCAP / MELD feature pickles with the public layouts (SPEC §2).
+"""Synthetic IEMOCAP / MELD feature pickles with the public layouts (see the README: Data).
 
     python -m dataloader.synthetic --Dataset IEMOCAP|MELD --out DIR [--scale F] [--seed N]
     python -m dataloader.synthetic --probe --Dataset IEMOCAP|MELD [--data-dir DIR]

@@ -1,6 +1,7 @@
 """Loading M3Net state_dicts and our own checkpoints; writing checkpoints atomically."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -116,8 +117,12 @@ def save_atomic(obj: Any, path: str | Path, also: str | Path | None = None) -> N
     `also`: a second path that gets the same file, before `path` does (a hard link to the written
     file, so a checkpoint of 150 MB is written once; a copy where the file system has no links).
     """
+    # Serialized in memory, then written by Python: torch's own file writer reports a full disk as
+    # an opaque RuntimeError ("unexpected pos ..."), Python's write as OSError ENOSPC.
+    serialized = io.BytesIO()
+    torch.save(obj, serialized)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(serialized.getbuffer())
         if also is not None:
             with atomic_path(also) as also_tmp:
                 also_tmp.unlink(missing_ok=True)          # what a killed save left there

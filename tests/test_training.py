@@ -1,6 +1,7 @@
 """The DGS step's gradients, and full runs of the entry point: outputs, resume, testing, errors."""
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from model import graph, rnn
 from model.cuda_graphs import CudaGraphError
 from utils import dgs
 from utils import main as entry
+from utils.config import as_command_line
 from utils.dgs import DGSSettings, DGSStep, modality_scores, utterance_labels
 from utils.losses import unimodal_losses
 from utils.modulation import ogm_coefficients
@@ -235,6 +237,9 @@ def test_testing_mode_reproduces_the_checkpoint_predictions(capsys, tmp_path, me
     record = json.loads((train_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert result["weighted_f1"] == pytest.approx(record["test"]["weighted_f1"])
     assert f"weighted F1 {result['weighted_f1']:.2f}" in out
+    first = f"MELD: test {len(data.splits['test'])} dialogues (from {meld_dir.resolve()}); on cpu; log dir {test_dir}"
+    assert out.splitlines()[0] == (test_dir / "train.log").read_text().splitlines()[0] == first
+    assert out.splitlines()[1].startswith("loaded ")
 
 
 def test_raw_state_dict_with_m3net_extra_keys_is_tested(capsys, tmp_path, meld_dir):
@@ -248,6 +253,8 @@ def test_raw_state_dict_with_m3net_extra_keys_is_tested(capsys, tmp_path, meld_d
                                          "--data-dir", str(meld_dir), "--log-dir", str(tmp_path / "t"), *FAST])
     assert status == 0, err
     assert "initialised head_l.weight" in out
+    assert ("; a raw state_dict does not tell --use_speaker --no-use_modal --norm BN from other values of these flags: "
+            "they must be those it was trained with") in out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -363,7 +370,8 @@ def test_resume_without_the_starting_checkpoint_and_after_a_lost_epoch(capsys, t
     assert (saved.epochs, saved.no_cuda, saved.batch_size, saved.checkpoint) == (1, True, 4, None)
     status, _, err = run_main(capsys, [*argv, "--lr", "0.5"])
     assert status == 2
-    assert "changes lr (0.0001 -> 0.5): only epochs, no_cuda, no_cuda_graphs, num_workers, data_dir may change" in err
+    assert ("changes --lr (0.0001 -> 0.5): only --epochs, --no-cuda, --no-cuda-graphs, --num-workers, --data-dir "
+            "may change") in err
     status, out, err = run_main(capsys, [*common, "--resume", "--epochs", "2"])   # the same flags again
     assert status == 0, err
     assert f"resumed from {log / 'last.pt'} after epoch 1/2 (epoch 0 in metrics.jsonl)" in out
@@ -387,6 +395,21 @@ def test_given_flags_are_those_on_the_command_line_whatever_their_values():
     assert given("--lr", "0.0001", "--epo=3", "--no-class-weight", "--resume") == {"lr", "epochs", "class_weight",
                                                                                  "resume"}
     assert given("--seed", "0", "--Dataset", "MELD", "--no-cuda") == {"seed", "Dataset", "no_cuda"}
+
+
+def test_logged_flags_are_a_command_line_that_gives_the_same_flags(capsys, tmp_path, meld_dir):
+    log = tmp_path / "flags"
+    argv = ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, "--epochs", "1", "--no-use_speaker",
+            "--modals", "al", "--tensorboard", "--norm", "LN 2"]
+    status, out, err = run_main(capsys, argv[:-3])
+    assert status == 0, err
+    logged = next(line for line in out.splitlines() if line.startswith("flags: "))[len("flags: "):]
+    assert "--no-cuda " in logged and "--no-use_speaker" in logged and "--batch-size 4" in logged
+    assert "--tensorboard" not in logged and "--checkpoint" not in logged            # off, and None
+    assert entry.parse_args("MELD", {}, shlex.split(logged)) == entry.parse_args("MELD", DEFAULTS["MELD"], argv[:-3])
+    # A value with a space is quoted.
+    args = entry.parse_args("MELD", DEFAULTS["MELD"], argv)
+    assert entry.parse_args("MELD", {}, shlex.split(as_command_line(args))) == args
 
 
 def test_evaluation_loss_is_the_weighted_loss_of_the_whole_split(iemocap_dir):
@@ -445,6 +468,26 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(capsys, tm
     assert (log / "train.log").read_text().splitlines()[-1] == err.strip()      # the log says how the run ended
 
 
+def test_nan_loss_in_the_first_epoch_says_nothing_was_saved(capsys, tmp_path, meld_dir, monkeypatch):
+    class NaNLoss(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, log_probs, labels):
+            loss = self.inner(log_probs, labels)
+            return loss * float("nan") if torch.is_grad_enabled() else loss
+
+    real_loss = entry.multimodal_loss
+    monkeypatch.setattr(entry, "multimodal_loss", lambda *a: NaNLoss(real_loss(*a)))
+    log = tmp_path / "nan"
+    status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, "--epochs", "2"])
+    assert status == 1
+    assert err.startswith("error: the loss became NaN/Inf at epoch 1/2 (epoch 0 in metrics.jsonl), step 1/")
+    assert err.endswith(f"; nothing was saved before it; remove {log} before reusing it\n")
+    assert not (log / "last.pt").exists()
+
+
 def test_seed_readme_command_runs_from_inside_run(tmp_path, meld_dir):
     """The seed README's MELD command (one epoch), run from inside run/ with the data in the current directory."""
     run_dir = tmp_path / "repo" / "run"
@@ -501,6 +544,7 @@ def test_a_log_dir_that_cannot_be_written_is_one_line(capsys, tmp_path, meld_dir
     status, out, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST])
     assert status == 2 and out == ""
     assert re.fullmatch(rf"error: --log-dir {re.escape(str(log))}: cannot write in it \(Is a directory\)\n", err)
+    assert [p.name for p in log.iterdir()] == [blocked]                 # nothing else written
 
 
 def test_a_closed_stdout_does_not_stop_the_run(tmp_path, meld_dir):
@@ -543,6 +587,16 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(capsys, tmp_path, meld_
     assert (log / "train.log").read_text().splitlines()[-1] == err.strip()
 
 
+def test_a_full_disk_stops_the_run_with_one_line(capsys, tmp_path, meld_dir):
+    log = tmp_path / "full"
+    log.mkdir()
+    (log / ".last.pt.tmp").symlink_to("/dev/full")      # every write there fails with ENOSPC, as on a full disk
+    status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, "--epochs", "1"])
+    assert (status, err) == (2, f"error: cannot write the checkpoint of epoch 1/1: {log / 'last.pt'} "
+                                f"(No space left on device)\n")
+    assert not (log / "last.pt").exists() and not (log / ".last.pt.tmp").exists()
+
+
 def test_a_log_dir_whose_metrics_file_is_a_folder_is_refused(capsys, tmp_path, meld_dir):
     log = tmp_path / "odd"
     (log / "metrics.jsonl").mkdir(parents=True)
@@ -575,6 +629,12 @@ def test_a_log_dir_in_use_by_a_running_run_is_refused(capsys, tmp_path, meld_dir
     assert (status, err.strip()) == (2, f"error: --log-dir {tmp_path / 'busy'} is in use by another run that is "
                                         f"still going: wait for it to end, or pick another folder")
     assert not (tmp_path / "busy" / "metrics.jsonl").exists()
+    # A live run in its first epoch (metrics.jsonl, no last.pt yet): still in use, not a stopped run.
+    (tmp_path / "busy" / "metrics.jsonl").touch()
+    for extra in ([], ["--resume"]):
+        status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(tmp_path / "busy"), *FAST,
+                                           *extra])
+        assert status == 2 and "is in use by another run that is still going" in err
     running.close()
     RunLog(tmp_path / "busy").close()             # free again once the first one ends
 

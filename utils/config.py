@@ -6,6 +6,7 @@ this implementation does not read are listed in `NO_EFFECT` and say so in `--hel
 from __future__ import annotations
 
 import argparse
+import shlex
 from typing import Any, Sequence
 
 from utils.errors import OneLineParser, UserError
@@ -128,6 +129,35 @@ def given_flags(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | No
     return {name for name, value in vars(parser.parse_args(argv, namespace=namespace)).items() if value is not absent}
 
 
+def _flag_actions() -> list[argparse.Action]:
+    """The parser's flags (either dataset's: they differ in defaults only), `--help` left out."""
+    return [action for action in build_parser(DATASETS[0], {})._actions
+            if action.option_strings and action.dest != "help"]
+
+
+def flag_name(name: str) -> str:
+    """A flag's name in the namespace (`no_cuda`) as typed on the command line (`--no-cuda`)."""
+    return next(action.option_strings[0] for action in _flag_actions() if action.dest == name)
+
+
+def as_command_line(args: argparse.Namespace, names: Sequence[str] | None = None) -> str:
+    """The flags of `args` (or those `names` only) written as a command line gives them, in
+    `--help` order: what a run logs can be pasted back. Flags without a value (None) and switches
+    that are off are left out."""
+    words = []
+    for action in _flag_actions():
+        value = getattr(args, action.dest, None)
+        if value is None or (names is not None and action.dest not in names):
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            words.append(action.option_strings[0 if value else 1])
+        elif action.nargs == 0:                  # store_true
+            words += [action.option_strings[0]] if value else []
+        else:
+            words += [action.option_strings[0], shlex.quote(str(value))]
+    return " ".join(words)
+
+
 def check_args(args: argparse.Namespace, dataset: str) -> None:
     if args.Dataset != dataset:
         raise UserError(f"--Dataset {args.Dataset} given to the {dataset} script; "
@@ -166,7 +196,9 @@ def check_args(args: argparse.Namespace, dataset: str) -> None:
 
 
 # Flags that shape the model or its forward pass: a checkpoint gives its predictions only with
-# the values it was trained with (several, such as --norm, leave the state_dict's keys unchanged).
+# the values it was trained with. These leave a state_dict's keys and shapes as they are, so
+# only a checkpoint's saved flags can tell them.
+UNSEEN_IN_KEYS = ("norm", "use_speaker", "use_modal")
 ARCHITECTURE_FLAGS = ("modals", "base_model", "norm", "num_L", "num_K", "use_speaker", "use_modal",
                       "use_residue", "av_using_lstm")
 

@@ -17,12 +17,13 @@ from model.checkpoint import load_model_state, read_checkpoint
 from model.cuda_graphs import CudaGraphError
 from model.graph import GraphCapacityError, check_capacity
 from model.m3net import M3Net, ModelConfig
-from utils.config import architecture_differences, given_flags, parse_args
+from utils.config import (UNSEEN_IN_KEYS, architecture_differences, as_command_line, flag_name, given_flags,
+                          parse_args)
 from utils.cpu_memory import keep_freed_memory
 from utils.dgs import DGSSettings, DGSStep, make_optimizer
 from utils.errors import UserError
 from utils.losses import inverse_prior_weights, multimodal_loss
-from utils.runlog import METRICS_FILE, RunLog, write_json
+from utils.runlog import METRICS_FILE, RunLog, check_not_in_use, write_json
 from utils.trainer import Trainer, TrainingDiverged, evaluate
 
 
@@ -110,7 +111,11 @@ def load_weights(model: M3Net, path: str, args: argparse.Namespace) -> str:
         raise UserError(f"checkpoint {path} was trained with {' '.join(theirs)}, this run has "
                         f"{' '.join(ours)}: give the checkpoint's flags")
     fresh = load_model_state(model, checkpoint["model"])
-    return f"loaded weights from {path}" + (f"; initialised {', '.join(fresh)}" if fresh else "")
+    line = f"loaded weights from {path}" + (f"; initialised {', '.join(fresh)}" if fresh else "")
+    if not saved_flags:
+        line += (f"; a raw state_dict does not tell {as_command_line(args, UNSEEN_IN_KEYS)} from other values of "
+                 f"these flags: they must be those it was trained with")
+    return line
 
 
 def _dataset_of_classifier(state: dict[str, torch.Tensor]) -> str | None:
@@ -174,6 +179,8 @@ def setup(args: argparse.Namespace) -> tuple[Conversations, dict, M3Net, torch.n
     loss_mm = multimodal_loss(args.Dataset, class_weights(args, data, loaders["train"])).to(device)
     log_dir = Path(args.log_dir or f"runs/{args.Dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     log = RunLog(log_dir, tensorboard=args.tensorboard and not args.testing, fresh=not args.log_dir)
+    splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in used.items())
+    log.line(f"{args.Dataset}: {splits} (from {args.data_dir}); on {device}; log dir {log.dir}")
     if loaded:
         log.line(loaded)
     return data, loaders, model, loss_mm, device, log
@@ -184,6 +191,8 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     """Train; with --resume, `given` holds the flags on the command line (see resume_point)."""
     resume_from = None
     log_dir = Path(args.log_dir) if args.log_dir else None
+    if log_dir is not None:
+        check_not_in_use(log_dir)
     holds_run = log_dir is not None and (log_dir / METRICS_FILE).exists()
     if holds_run and not (log_dir / METRICS_FILE).is_file():
         raise UserError(f"--log-dir {log_dir}: its {METRICS_FILE} is not a file; remove it or pick another folder")
@@ -201,9 +210,7 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
         raise UserError(f"--log-dir {log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
     log.metrics_path.touch()     # marks the folder as a run's from its first epoch on (see above)
-    splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in loaders.items())
-    log.line(f"{args.Dataset}: {splits} (from {args.data_dir}); on {device}; log dir {log.dir}")
-    log.line("flags: " + " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())))
+    log.line("flags: " + as_command_line(args))
     optimizer = make_optimizer(model, args.lr, args.l2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_step, gamma=args.lr_decay_ratio)
     settings = DGSSettings(pareto=not args.no_pareto, shapley=not args.no_shapley, modulation=args.modulation,
@@ -250,8 +257,8 @@ def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
                      if getattr(args, name) != saved[name])
     if changed:
         raise UserError(f"--resume continues {last} with its saved flags, and this command line changes "
-                        f"{', '.join(f'{n} ({saved[n]!r} -> {getattr(args, n)!r})' for n in changed)}: "
-                        f"only {', '.join(RESUME_MAY_CHANGE)} may change")
+                        f"{', '.join(f'{flag_name(n)} ({saved[n]!r} -> {getattr(args, n)!r})' for n in changed)}: "
+                        f"only {', '.join(map(flag_name, RESUME_MAY_CHANGE))} may change")
     saved.update({name: getattr(args, name) for name in given & set(RESUME_MAY_CHANGE)})
     saved.update(log_dir=args.log_dir, resume=True, checkpoint=None)   # the starting weights are in last.pt now
     return argparse.Namespace(**saved), state

@@ -48,11 +48,14 @@ class RunLog:
     def __init__(self, log_dir: Path, tensorboard: bool = False, fresh: bool = False):
         summary_writer = _summary_writer_class() if tensorboard else None
         self.dir = _make_dir(log_dir, fresh)
+        had_lock = (self.dir / ".lock").exists()
         self._lock = _lock_dir(self.dir)
         try:
             self._text = _append_to(self.dir / "train.log", buffering=1)
         except UserError:
             self._lock.close()
+            if not had_lock:                         # a failed start leaves the folder as it found it
+                (self.dir / ".lock").unlink()
             raise
         self._writer = summary_writer(str(self.dir)) if summary_writer else None
         self._stdout = True
@@ -136,6 +139,13 @@ def _append_to(path: Path, buffering: int = -1) -> TextIO:
         return open(path, "a", buffering=buffering)
     except OSError as e:
         raise UserError(f"--log-dir {path.parent}: cannot write in it ({e.strerror})") from None
+
+
+def check_not_in_use(folder: Path) -> None:
+    """Refuse a folder whose .lock a live run holds: before anything judges the run in it by its
+    files (a run in its first epoch has no last.pt yet, and is not a run that stopped)."""
+    if fcntl is not None and (folder / ".lock").is_file():
+        _lock_dir(folder).close()
 
 
 def _lock_dir(folder: Path) -> TextIO:

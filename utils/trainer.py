@@ -106,9 +106,11 @@ class Trainer:
             labels.append(step_stats["labels"])
         bad = stats.first_bad_step()
         if bad is not None:
+            last = self.log.dir / "last.pt"
+            kept = (f"{last} holds the last good epoch" if last.is_file() else
+                    f"nothing was saved before it; remove {self.log.dir} before reusing it")
             raise TrainingDiverged(f"the loss became NaN/Inf at epoch {epoch + 1}/{args.epochs} (epoch {epoch} in "
-                                   f"{METRICS_FILE}), step {bad + 1}/{len(labels)}; "
-                                   f"{self.log.dir / 'last.pt'} holds the last good epoch")
+                                   f"{METRICS_FILE}), step {bad + 1}/{len(labels)}; {kept}")
         means = stats.means()
         preds_np, labels_np = torch.cat(log_probs).argmax(-1).cpu().numpy(), torch.cat(labels).cpu().numpy()
         train = {"loss": float(means["loss_mm"]), **classification_metrics(labels_np, preds_np, args.Dataset)}
