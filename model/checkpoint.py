@@ -1,12 +1,11 @@
 """Loading M3Net state_dicts and our own checkpoints; writing checkpoints atomically."""
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -117,12 +116,8 @@ def save_atomic(obj: Any, path: str | Path, also: str | Path | None = None) -> N
     `also`: a second path that gets the same file, before `path` does (a hard link to the written
     file, so a checkpoint of 150 MB is written once; a copy where the file system has no links).
     """
-    # Serialized in memory, then written by Python: torch's own file writer reports a full disk as
-    # an opaque RuntimeError ("unexpected pos ..."), Python's write as OSError ENOSPC.
-    serialized = io.BytesIO()
-    torch.save(obj, serialized)
     with atomic_path(path) as tmp:
-        tmp.write_bytes(serialized.getbuffer())
+        _save(obj, tmp)
         if also is not None:
             with atomic_path(also) as also_tmp:
                 also_tmp.unlink(missing_ok=True)          # what a killed save left there
@@ -130,3 +125,33 @@ def save_atomic(obj: Any, path: str | Path, also: str | Path | None = None) -> N
                     os.link(tmp, also_tmp)
                 except OSError:
                     shutil.copyfile(tmp, also_tmp)
+
+
+def _save(obj: Any, path: Path) -> None:
+    """torch.save, where a failed write raises its OSError (ENOSPC for a full disk): torch's own
+    writer reports it as an opaque RuntimeError ("unexpected pos ...")."""
+    with open(path, "wb") as file:
+        recording = _RecordingWriter(file)
+        try:
+            torch.save(obj, recording)
+        except RuntimeError:
+            if recording.error is None:
+                raise
+            raise recording.error from None
+
+
+class _RecordingWriter:
+    """A file torch.save writes through, keeping the OSError of a write that failed."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
