@@ -188,8 +188,13 @@ def capturing(graph: torch.cuda.CUDAGraph, pool: tuple) -> Iterator[None]:
         graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             yield
-        finally:
-            graph.capture_end()
+        except BaseException:
+            # After a failed op CUDA has invalidated the capture, and ending it raises too, only
+            # to say so: the op's error is the one to report.
+            with contextlib.suppress(Exception):
+                graph.capture_end()
+            raise
+        graph.capture_end()
     except Exception as e:
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CudaGraphError(f"capturing a CUDA graph failed ({cause}); --no-cuda-graphs trains without "

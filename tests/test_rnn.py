@@ -187,8 +187,8 @@ def test_cuda_graphs_apply_only_to_trained_rnns_on_the_gpu():
 class _Graph:
     """Stands in for torch.cuda.CUDAGraph: records the calls; capture_begin may fail."""
 
-    def __init__(self, begin_error: Exception | None = None):
-        self.calls, self.begin_error = [], begin_error
+    def __init__(self, begin_error: Exception | None = None, end_error: Exception | None = None):
+        self.calls, self.begin_error, self.end_error = [], begin_error, end_error
 
     def capture_begin(self, pool, capture_error_mode):
         self.calls.append(("begin", capture_error_mode))
@@ -197,6 +197,8 @@ class _Graph:
 
     def capture_end(self):
         self.calls.append(("end",))
+        if self.end_error:
+            raise self.end_error
 
 
 def test_a_failed_capture_is_ended_and_says_how_to_train_without_graphs():
@@ -213,3 +215,13 @@ def test_a_failed_capture_is_ended_and_says_how_to_train_without_graphs():
         with capturing(graph, pool=None):
             pass
     assert graph.calls == [("begin", "thread_local")]                  # nothing begun, nothing to end
+    # An op that fails in a capture invalidates it: ending it fails as well, and the op's error is the one named.
+    graph = _Graph(end_error=RuntimeError("operation failed due to a previous error during capture"))
+    with pytest.raises(CudaGraphError, match=r"failed \(an illegal op\); --no-cuda-graphs") as failed:
+        with capturing(graph, pool=None):
+            raise RuntimeError("an illegal op")
+    assert graph.calls == [("begin", "thread_local"), ("end",)]
+    # A capture whose work went through but that cannot be ended is reported as such.
+    with pytest.raises(CudaGraphError, match=r"failed \(operation failed due to a previous error during capture\)"):
+        with capturing(graph, pool=None):
+            pass

@@ -111,8 +111,9 @@ class ShapingGraphs:
             if graph.cos is not None:
                 torch.stack(cosines, out=graph.cos)
 
-        graph.replay, self.pool, self.stream = capture(body, first.device, self.pool, self.stream)
         # The per-element tensor ids of each group (utils/segments.py), from a bounded cache
-        # that may drop them later: the graph reads them at every replay.
+        # that may drop them later: the graph reads them at every replay. Made here, before the
+        # capture, where their host-to-device copy is allowed.
         graph.reads = tuple(segment_ids(group, first.device) for group in sizes)
+        graph.replay, self.pool, self.stream = capture(body, first.device, self.pool, self.stream)
         return graph
