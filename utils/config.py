@@ -6,6 +6,7 @@ this implementation does not read are listed in `NO_EFFECT` and say so in `--hel
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 from typing import Any, Sequence
 
@@ -129,10 +130,11 @@ def given_flags(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | No
     return {name for name, value in vars(parser.parse_args(argv, namespace=namespace)).items() if value is not absent}
 
 
-def _flag_actions() -> list[argparse.Action]:
+@functools.lru_cache(maxsize=1)
+def _flag_actions() -> tuple[argparse.Action, ...]:
     """The parser's flags (either dataset's: they differ in defaults only), `--help` left out."""
-    return [action for action in build_parser(DATASETS[0], {})._actions
-            if action.option_strings and action.dest != "help"]
+    return tuple(action for action in build_parser(DATASETS[0], {})._actions
+                 if action.option_strings and action.dest != "help")
 
 
 def flag_name(name: str) -> str:
@@ -166,7 +168,7 @@ def check_args(args: argparse.Namespace, dataset: str) -> None:
         raise UserError(f"--modals {args.modals!r}: give a non-empty subset of 'avl' without repeats")
     for name in ("batch_size", "epochs"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UserError(f"{flag_name(name)} must be at least 1")
     for name in ("num_L", "num_K", "lr_decay_step"):
         if getattr(args, name) < (1 if name == "lr_decay_step" else 0):
             raise UserError(f"--{name} {getattr(args, name)} is out of range")
@@ -223,9 +225,5 @@ def _canonical(name: str, value: Any) -> Any:
 
 
 def _as_flag(name: str, value: Any) -> str:
-    option = "--base-model" if name == "base_model" else f"--{name}"
-    if isinstance(value, bool):
-        if name == "av_using_lstm":
-            return option if value else f"no {option}"
-        return option if value else f"--no-{name}"
-    return f"{option} {value}"
+    # A switch that is off has no flag of its own: "no --av_using_lstm".
+    return as_command_line(argparse.Namespace(**{name: value}), [name]) or f"no {flag_name(name)}"
