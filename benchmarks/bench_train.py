@@ -139,6 +139,23 @@ def time_epoch(step: DGSStep, loaders: dict, loss, device: torch.device, dataset
     return trained - start, time.perf_counter() - trained
 
 
+def evaluation_ratios(model: M3Net, loader, loss, device: torch.device, dataset: str, rounds: int) -> list[float]:
+    """Time of an evaluation with the held-out diagnostics (unimodal heads, all coalitions) over
+    one without, passes of the split alternating, after one untimed pass of each."""
+    ratios = []
+    for round_ in range(rounds + 1):
+        seconds = {}
+        for diagnostics in ((False, True) if round_ % 2 else (True, False)):
+            sync(device)
+            start = time.perf_counter()
+            evaluate(model, loader, loss, device, dataset, diagnostics=diagnostics)
+            sync(device)
+            seconds[diagnostics] = time.perf_counter() - start
+        if round_ > 0:
+            ratios.append(seconds[True] / seconds[False])
+    return ratios
+
+
 def paired_ratios(steps: dict[str, DGSStep], batches: list, device: torch.device, rounds: int) -> list[float]:
     """DGS / plain time of steps on the same batch, one right after the other: `rounds` passes
     over `batches` after one untimed pass (the order plain, DGS alternates by round)."""
@@ -230,6 +247,8 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--paired-rounds", type=int, default=2,
                    help="rounds of plain and DGS steps alternating on the --steps batches (0: none)")
+    p.add_argument("--eval-rounds", type=int, default=4,
+                   help="test evaluations with and without the held-out diagnostics, alternating (0: none)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="the context RNN and the gradient shaping eagerly on the GPU")
     p.add_argument("--stall-seconds", type=float, default=3.0,
@@ -239,7 +258,7 @@ def main() -> None:
     keep_freed_memory()
 
     devices = [checked_device(name) for name in args.device]
-    results, paired = [], []
+    results, paired, evaluations = [], [], []
     for dataset in args.Dataset:
         root = Path(args.data_dir) / dataset
         if not (root / f"{dataset}_features").is_dir():
@@ -282,6 +301,12 @@ def main() -> None:
                 del steps
                 paired.append({"dataset": dataset, "device": device_name, "ratio_median": statistics.median(ratios),
                                "ratios": ratios})
+            if args.eval_rounds:
+                model, _, loss = build(data, device, CONFIGS["dgs"], README_FLAGS[dataset], args)
+                ratios = evaluation_ratios(model, loaders["test"], loss, device, dataset, args.eval_rounds)
+                evaluations.append({"dataset": dataset, "device": device_name,
+                                    "ratio_median": statistics.median(ratios), "ratios": ratios})
+                del model
 
     print()
     print(f"{'dataset':8} {'device':6} {'config':6} {'step s':>8} {'floor s':>8} {'epoch s':>8} {'load s':>7} "
@@ -305,8 +330,12 @@ def main() -> None:
         print(f"DGS / plain, paired steps on the same batches, {row['dataset']} {row['device']}: "
               f"{row['ratio_median']:.2f}x (median of {len(row['ratios'])}; "
               f"{min(row['ratios']):.2f}-{max(row['ratios']):.2f}x)")
+    for row in evaluations:
+        print(f"test evaluation with / without the held-out diagnostics, {row['dataset']} {row['device']}: "
+              f"{row['ratio_median']:.2f}x (median of {len(row['ratios'])})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"configurations": results, "paired": paired}, indent=1))
+        Path(args.json).write_text(json.dumps({"configurations": results, "paired": paired,
+                                               "evaluation": evaluations}, indent=1))
 
 
 def _cpu_name() -> str:

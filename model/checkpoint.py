@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,6 +36,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not _looks_like_torch_file(path):
         raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint (neither torch.save's zip "
                               f"format nor a pickle)")
+    _check_zip_records(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, a pickle of arbitrary objects
@@ -46,6 +48,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         state = {k.removeprefix("module."): v for k, v in payload.items()}   # also DataParallel saves
         return {"model": state}
     raise CheckpointError(f"checkpoint {path}: neither a state_dict nor a checkpoint of this project")
+
+
+def _check_zip_records(path: Path) -> None:
+    """torch's zip reader does not check the CRC-32 of each record, so a checkpoint with flipped
+    bytes would load as wrong weights: check them here (a pickle-format one has none to check)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception as e:  # a truncated archive, a damaged directory or record header
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({first})") from None
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path}: damaged (the bytes of its record {damaged} do not match their "
+                              f"CRC-32): it would load as wrong weights")
 
 
 def _looks_like_torch_file(path: Path) -> bool:
@@ -89,8 +108,14 @@ def load_model_state(model: M3Net, state: dict[str, torch.Tensor]) -> list[str]:
     Keys M3Net carries but never reads are ignored; anything else that does not fit is a
     CheckpointError naming the keys and the flag that would fix it.
     """
+    if not state:
+        raise CheckpointError("checkpoint holds no weights (its state_dict is empty): it is not a trained model")
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not IGNORED_KEY.match(k)}
+    if not set(state) & set(own):
+        raise CheckpointError(f"checkpoint does not fit the model: none of its keys ({', '.join(list(state)[:3])}"
+                              f"{' ...' if len(state) > 3 else ''}) is one of M3Net's: it is not a checkpoint of "
+                              f"this model")
     missing = [k for k in own if k not in state and not HEAD_KEY.match(k)]
     unexpected = [k for k in state if k not in own]
     misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
@@ -113,24 +138,39 @@ def load_model_state(model: M3Net, state: dict[str, torch.Tensor]) -> list[str]:
 def save_atomic(obj: Any, path: str | Path, also: str | Path | None = None) -> None:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file.
 
-    `also`: a second path that gets the same file, before `path` does (a hard link to the written
-    file, so a checkpoint of 150 MB is written once; a copy where the file system has no links).
+    `also`: a second path that gets the same file (a hard link to the written file, so a checkpoint
+    of 150 MB is written once; a copy where the file system has no links), renamed into place after
+    `path`: a kill between the two renames leaves the old `also` and a `path` whose record says it
+    is the best, from which --resume makes `also` again (link_atomic); in the other order the old
+    `also` would be gone while `path` still names it the best.
     """
+    if also is None:
+        with atomic_path(path) as tmp:
+            _save(obj, tmp)
+        return
+    with atomic_path(also) as also_tmp:
+        with atomic_path(path) as tmp:
+            _save(obj, tmp)
+            _link(tmp, also_tmp)
+
+
+def link_atomic(source: str | Path, path: str | Path) -> None:
+    """Make `path` the file `source` is (a hard link; a copy where the file system has none), atomically."""
     with atomic_path(path) as tmp:
-        _save(obj, tmp)
-        if also is not None:
-            with atomic_path(also) as also_tmp:
-                also_tmp.unlink(missing_ok=True)          # what a killed save left there
-                try:
-                    os.link(tmp, also_tmp)
-                except OSError:
-                    shutil.copyfile(tmp, also_tmp)
+        _link(Path(source), tmp)
+
+
+def _link(source: Path, new: Path) -> None:
+    try:
+        os.link(source, new)
+    except OSError:
+        shutil.copyfile(source, new)
 
 
 def _save(obj: Any, path: Path) -> None:
     """torch.save, where a failed write raises its OSError (ENOSPC for a full disk): torch's own
     writer reports it as an opaque RuntimeError ("unexpected pos ...")."""
-    with open(path, "wb") as file:
+    with open(path, "xb") as file:             # a new file: never written through an existing one
         recording = _RecordingWriter(file)
         try:
             torch.save(obj, recording)

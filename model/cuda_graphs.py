@@ -24,13 +24,21 @@ overwrite what another shape's forward left for its backward: the backward must 
 module's next forward (a training step does just that), and a backward through an earlier
 forward is refused with an error. The weight gradients of all shapes go to one shared buffer,
 copied out after each backward.
+
+Fail-safe: a capture that fails (an error of CUDA's or cuDNN's), or a shape's first replay whose
+output or first gradients differ from the eager computation's beyond float32 rounding
+(`_FirstReplay`, `rounding_error_bound`), sends that RNN back to eager for the rest of its life,
+as without graphs, and leaves a line for the run's log (`take_fallback_notices`). The checks and
+the decision take no GPU: `graphed_or_eager` is given the replay to use.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +51,21 @@ WARMUP_RUNS = 2   # eager runs on the capture stream before capturing: cuDNN set
 
 
 def context_rnn(rnn: nn.Module, x: torch.Tensor, cuda_graphs: bool = True) -> torch.Tensor:
-    """rnn(x)[0] for x [T, B, D]: from CUDA graphs where they apply (`can_graph`), else eagerly."""
+    """rnn(x)[0] for x [T, B, D]: from CUDA graphs where they apply (`can_graph`) and have not
+    failed (`graphed_or_eager`), else eagerly."""
     if cuda_graphs and can_graph(rnn, x):
-        return graphed_rnn(rnn, x)
-    if rnn in _GRAPHS:
-        if _GRAPHS[rnn].fits(rnn):
+        return graphed_or_eager(rnn, x)
+    return _eager(rnn, x)
+
+
+def _eager(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    graphs = _GRAPHS.get(rnn)
+    if graphs is not None:
+        if graphs.fits(rnn) and rnn not in _FALLEN_BACK:
             return layered_rnn(rnn, x)   # its weights are laid out per layer now (`_flatten_per_layer`)
-        del _GRAPHS[rnn]                 # stale (the weights moved): free their memory
+        del _GRAPHS[rnn]                 # stale (the weights moved) or given up: free their memory
+        if rnn in _FALLEN_BACK:
+            rnn.flatten_parameters()     # nn.GRU's own weight layout again, as without graphs
     return rnn(x)[0]
 
 
@@ -82,13 +98,41 @@ def layered_rnn(rnn: nn.GRU | nn.LSTM, x: torch.Tensor, weights: list[torch.Tens
 
 def graphed_rnn(rnn: nn.GRU | nn.LSTM, x: torch.Tensor) -> torch.Tensor:
     """`layered_rnn(rnn, x)` for a CUDA x, replayed from the CUDA graphs of x's shape (captured
-    on first sight); differentiable in x and the RNN's parameters."""
+    on first sight); differentiable in x and the RNN's parameters. Unchecked: training goes
+    through `graphed_or_eager`."""
+    replay, _ = _replay_for(rnn, x)
+    return replay(x, *rnn.parameters())
+
+
+def _replay_for(rnn: nn.GRU | nn.LSTM, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], bool]:
+    """The replay of x's shape as a differentiable function of (x, *rnn.parameters()), and
+    whether its graphs were captured by this call."""
     graphs = _GRAPHS.get(rnn)
     if graphs is None or not graphs.fits(rnn):
         graphs = _GRAPHS[rnn] = _RNNGraphs(rnn)
     key = (tuple(x.shape), x.dtype)
-    shape = graphs.shapes.get(key) or graphs.capture(rnn, x, key)
-    return _Replay.apply(shape, graphs, x, *graphs.params)
+    shape = graphs.shapes.get(key)
+    captured = shape is None
+    if captured:
+        shape = graphs.capture(rnn, x, key)
+    return functools.partial(_Replay.apply, shape, graphs), captured
+
+
+def graphed_or_eager(rnn: nn.GRU | nn.LSTM, x: torch.Tensor,
+                     replay_for: Callable[[nn.Module, torch.Tensor], tuple[Callable[..., torch.Tensor], bool]]
+                     = _replay_for) -> torch.Tensor:
+    """`layered_rnn(rnn, x)` from CUDA graphs, `replay_for(rnn, x)` giving the replay of x's shape
+    and whether it was captured just now; that first replay is checked (`_FirstReplay`). Once a
+    capture failed or a first replay differed, `rnn(x)[0]` eagerly, as without graphs."""
+    if rnn not in _FALLEN_BACK:
+        try:
+            replay, captured = replay_for(rnn, x)
+        except RuntimeError as e:        # a CudaGraphError, or CUDA's own in a warm-up run
+            _fall_back(rnn, f"capturing its CUDA graphs failed ({first_line(e)})")
+        else:
+            params = list(rnn.parameters())
+            return _FirstReplay.apply(rnn, replay, x, *params) if captured else replay(x, *params)
+    return _eager(rnn, x)
 
 
 def _per_layer(rnn: nn.GRU | nn.LSTM, weights: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
@@ -179,6 +223,15 @@ class CudaGraphError(RuntimeError):
     """A CUDA graph capture failed; the message says how to train without the graphs."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none); for a
+    CudaGraphError, of the error that failed the capture."""
+    if isinstance(error, CudaGraphError) and error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 @contextlib.contextmanager
 def capturing(graph: torch.cuda.CUDAGraph, pool: tuple) -> Iterator[None]:
     """Capture the current stream's work into `graph`, ended even if the work raises (an
@@ -196,8 +249,7 @@ def capturing(graph: torch.cuda.CUDAGraph, pool: tuple) -> Iterator[None]:
             raise
         graph.capture_end()
     except Exception as e:
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CudaGraphError(f"capturing a CUDA graph failed ({cause}); --no-cuda-graphs trains without "
+        raise CudaGraphError(f"capturing a CUDA graph failed ({first_line(e)}); --no-cuda-graphs trains without "
                              f"them") from e
 
 
@@ -225,3 +277,166 @@ class _Replay(torch.autograd.Function):
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, _RNNGraphs] = weakref.WeakKeyDictionary()
+
+
+# ---------------------------------------------------------------------- falling back to eager
+UNIT_ROUNDOFF = 2.0 ** -24      # u of float32: a rounding is within u of its exact result, relatively
+
+
+def rounding_error_bound(terms: int) -> float:
+    """γ̃(n): how far a float32 sum of n terms may be from the exact sum, as a fraction of the sum
+    of the terms' magnitudes Σ|t_i|.
+
+    In any order of summation, at most γ_n = nu / (1 − nu) (Higham, Accuracy and Stability of
+    Numerical Algorithms, 2nd ed., §4.2), reached only by roundings that all err the same way:
+    for the ten million terms of the text encoder's gradient that is 1.7, no bound at all. With the
+    roundings modelled as independent and of mean zero, Higham & Mary (SIAM J. Sci. Comput.
+    41(5), 2019, Theorem 3.1) bound the error by exp(λ√n u + nu²/(1 − u)) − 1 ≈ λ√n u, except
+    with probability at most 2n·exp(−λ²(1 − u)²/2); λ is taken so that this probability is u
+    itself. The smaller of the two bounds.
+
+    The first-replay checks compare two float32 evaluations of the same arithmetic on the same
+    inputs: they differ only where a sum is taken in another order (another algorithm, a split
+    that depends on alignment, atomics), each within γ̃(n) of the exact value; so by at most
+    `rounding_tolerance`, 2·γ̃(n)·Σ|t_i|, to first order.
+    """
+    u = UNIT_ROUNDOFF
+    worst_case = terms * u / (1 - terms * u) if terms * u < 1 else math.inf
+    lam = math.sqrt(2 * math.log(2 * terms / u)) / (1 - u)
+    return min(worst_case, math.expm1(lam * math.sqrt(terms) * u + terms * u * u / (1 - u)))
+
+
+def rounding_tolerance(terms: int, magnitude: float) -> float:
+    """The largest difference that float32 rounding explains between two evaluations of a result
+    summed from `terms` terms whose magnitudes add up to at most `magnitude`
+    (`rounding_error_bound`)."""
+    return 2 * rounding_error_bound(terms) * magnitude
+
+
+def mismatch(what: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> str | None:
+    """None where `got` is `want` to within `tolerance`, element by element; else what differs,
+    by how much, for the run's log."""
+    difference = torch.where(got == want, 0.0, (got - want).abs())      # equal infinities agree
+    worst = difference.max().item()
+    if worst <= tolerance:
+        return None
+    return f"{what} differs from the eager one by up to {worst:.3g}, above its float32 rounding bound {tolerance:.3g}"
+
+
+def fallback_notice(part: str, reason: str) -> str:
+    """The run log's line for `part` going back to eager."""
+    return f"CUDA graphs off for {part}: {reason}; it runs eagerly for the rest of the run"
+
+
+def generator_state(device: torch.device) -> torch.Tensor:
+    """The state of torch's generator of `device` (what dropout and OGM-GE's noise draw from)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def drawing_from(state: torch.Tensor, device: torch.device) -> Iterator[None]:
+    """Run the block with `device`'s generator set to `state`; after it, the generator is where
+    it was before: the eager computation of a check draws what the replay drew, and the run
+    goes on from the replay's draws."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
+
+
+def _sum_lengths(rnn: nn.GRU | nn.LSTM, x: torch.Tensor) -> tuple[int, int]:
+    """How many terms are summed, along all the sums it depends on, into an element of the RNN's
+    output and into one of its gradients (the n of `rounding_error_bound`).
+
+    Output: every step's pre-activations sum D_l + H products and two biases (D_l: the layer's
+    input width), and an output element depends on those of up to T steps in every layer; the
+    gates pass errors on with a slope of at most one (tanh, the sigmoid, convex state updates),
+    and the recurrence is taken not to amplify them (it would make the gradients explode).
+    Gradients: the output's sums (the backward reads the forward's activations), then at every
+    step of every layer those over the gates (G·H of them, G = 3 for a GRU, 4 for an LSTM) for
+    the hidden state's gradient and over both directions' gates for the input's; a weight's
+    gradient last sums over the T·B rows. The terms' sizes are taken as the result's: each
+    tensor's tolerance is `rounding_tolerance(n, max|eager result|)`. Where a result cancels
+    large terms its bound is too small and the check errs on the side of eager: a false alarm
+    costs speed, not correctness.
+    """
+    steps, batch = x.shape[0], x.shape[1]
+    directions = 2 if rnn.bidirectional else 1
+    gates = 4 if isinstance(rnn, nn.LSTM) else 3
+    widths = [rnn.input_size] + [rnn.hidden_size * directions] * (rnn.num_layers - 1)
+    forward = steps * sum(width + rnn.hidden_size + 2 for width in widths)
+    backward = forward + steps * (rnn.num_layers * gates * rnn.hidden_size * (1 + directions) + batch)
+    return forward, backward
+
+
+class _FirstReplay(torch.autograd.Function):
+    """A shape's first replay, checked against `layered_rnn` on the same inputs and dropout
+    masks: the forward output, then the gradients of the first backward. Where they differ
+    (`_sum_lengths`), the eager results are returned, for this call and its later backwards, and
+    the RNN goes back to eager."""
+
+    @staticmethod
+    def forward(ctx, rnn: nn.GRU | nn.LSTM, replay: Callable[..., torch.Tensor], x: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        drawn_from = generator_state(x.device)
+        with torch.enable_grad():
+            # Aliases of the inputs (same memory), differentiated in the backward through each
+            # computation's own autograd graph.
+            inputs = [x.detach().requires_grad_(), *(p.detach().requires_grad_() for p in params)]
+            graphed = replay(*inputs)
+            with drawing_from(drawn_from, x.device):
+                eager = layered_rnn(rnn, inputs[0], inputs[1:])
+        forward_terms, ctx.backward_terms = _sum_lengths(rnn, x)
+        why = mismatch("the output", graphed, eager, rounding_tolerance(forward_terms, eager.abs().max().item()))
+        ctx.rnn, ctx.inputs, ctx.shape = rnn, inputs, tuple(x.shape)
+        ctx.graphed, ctx.eager = (None if why else graphed), eager
+        if why:
+            _fall_back(rnn, f"the first replay of its graphs for input {ctx.shape}: {why}")
+        return (eager if why else graphed).detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        if ctx.graphed is not None and ctx.eager is not None:
+            got = torch.autograd.grad(ctx.graphed, ctx.inputs, grad_y, retain_graph=True)
+            want = torch.autograd.grad(ctx.eager, ctx.inputs, grad_y, retain_graph=True)
+            names = ["the input's gradient", *(f"the gradient of {name}" for name, _ in ctx.rnn.named_parameters())]
+            for name, g, w in zip(names, got, want):
+                why = mismatch(name, g, w, rounding_tolerance(ctx.backward_terms, w.abs().max().item()))
+                if why:
+                    _fall_back(ctx.rnn, f"the first replay of its graphs for input {ctx.shape}: {why}")
+                    ctx.graphed = None
+                    return None, None, *want
+            ctx.eager = None                 # checked: later backwards replay alone
+            return None, None, *got
+        chosen = ctx.eager if ctx.graphed is None else ctx.graphed
+        return None, None, *torch.autograd.grad(chosen, ctx.inputs, grad_y, retain_graph=True)
+
+
+@dataclass
+class _Fallback:
+    reason: str
+    reported: bool = False
+
+
+# RNNs sent back to eager, for the rest of their life; a weak key, as `_GRAPHS`.
+_FALLEN_BACK: weakref.WeakKeyDictionary[nn.Module, _Fallback] = weakref.WeakKeyDictionary()
+
+
+def _fall_back(rnn: nn.Module, reason: str) -> None:
+    _FALLEN_BACK.setdefault(rnn, _Fallback(reason))
+
+
+def take_fallback_notices(model: nn.Module) -> list[str]:
+    """One line for the run's log for each RNN in `model` sent back to eager since the last call."""
+    if all(fallback.reported for fallback in _FALLEN_BACK.values()):
+        return []                        # every step asks: most of the time, nothing to look for
+    notices = []
+    for name, module in model.named_modules():
+        fallback = _FALLEN_BACK.get(module)
+        if fallback is not None and not fallback.reported:
+            fallback.reported = True
+            notices.append(fallback_notice(f"the context RNN {name or type(module).__name__}", fallback.reason))
+    return notices

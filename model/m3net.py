@@ -1,7 +1,7 @@
 """M3Net (CVPR 2023) with unimodal heads for DGS; parameter names match the public checkpoint.
 
 Forward, per batch (SPEC §3):
-  encode:  text layers -> norm -> mean of 4 -> linear_l -> context RNN/Transformer;
+  encode:  text layers -> norm -> mean of 4 -> linear_l (unless --no-text_linear) -> context RNN/Transformer;
            audio/visual -> linear (-> RNN)                       => z_m  [T, B, 1024]
   nodes:   real utterances' z_m, + speaker embedding (text), + modal embedding
                                                                   => [N, M, 1024]
@@ -32,6 +32,21 @@ NODE_ORDER = "lav"   # modality order of the nodes inside a dialogue
 MODAL_EMBEDDING_ROW = {"a": 0, "v": 1, "l": 2}
 
 
+# Bytes of node features one coalition pass may hold on the CPU. A pass of all 2^3 coalitions
+# holds 8x the graph's activations at once, and there memory traffic, not arithmetic, sets the
+# speed: each pass takes as many coalitions as keep its node list [K, N, M, 512] within this
+# budget (docs/performance.md). Other devices take all coalitions in one pass.
+PASS_BYTES = {"cpu": 6 * 2**20}
+
+
+def coalitions_per_pass(n_coalitions: int, projected: torch.Tensor) -> int:
+    """How many coalitions one graph pass takes, for the nodes' fc1 output `projected`."""
+    budget = PASS_BYTES.get(projected.device.type)
+    if budget is None:
+        return n_coalitions
+    return max(1, min(n_coalitions, budget // (projected.numel() * projected.element_size())))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     n_classes: int
@@ -47,6 +62,9 @@ class ModelConfig:
     use_modal: bool = False
     use_residue: bool = False
     av_using_lstm: bool = False
+    # linear_l between the averaged text and its context encoder: DGS's model has it on both
+    # datasets, upstream M3Net's not on MELD (whose checkpoints carry it untrained).
+    text_linear: bool = True
     dropout: float = 0.5
 
     @property
@@ -164,6 +182,9 @@ class M3Net(nn.Module):
             self.linear_v = nn.Linear(cfg.visual_dim, NODE_DIM)
         if "l" in mods:
             self.linear_l = nn.Linear(TEXT_DIM, NODE_DIM)
+            if not cfg.text_linear:
+                # Kept so that a checkpoint loads and saves as it is; nothing reads it, so nothing trains it.
+                self.linear_l.requires_grad_(False)
             if self._text_rnn:
                 setattr(self, f"{self._text_rnn}_l", _context_rnn(cfg.base_model, cfg.dropout))
             else:
@@ -195,22 +216,25 @@ class M3Net(nn.Module):
         r1, r2, r3, r4 = normed
         return (r1 + r2 + r3 + r4) / 4
 
-    def _context(self, name: str, input_layer: nn.Linear, x: torch.Tensor, graph: DialogueGraph) -> torch.Tensor:
-        """input_layer, then the context encoder `name`, over the padded sequence x [T, B, D] (no
-        packing, as the reference): [T, B, D'].
+    def _context(self, name: str, input_layer: nn.Linear | None, x: torch.Tensor, graph: DialogueGraph
+                 ) -> torch.Tensor:
+        """input_layer (None: none), then the context encoder `name`, over the padded sequence
+        x [T, B, D] (no packing, as the reference): [T, B, D'].
 
         A dialogue's padded steps share one input row (model/padding.py), so the input layer runs
         once per distinct row.
         """
-        rows = input_layer(distinct_rows(x, graph.distinct_steps))
         encoder = getattr(self, name)
-        if isinstance(encoder, nn.GRU) and rows.device.type == "cpu":
+        if isinstance(encoder, nn.GRU) and x.device.type == "cpu":
             # Same function, with a backward that is several times faster than nn.GRU's on the CPU
             # (model/rnn.py); cuDNN's fused GRU is the faster one on the GPU. It too projects each
             # distinct row once, and as encoder outputs at padded steps are never read, its last
             # forward direction skips them.
+            rows = distinct_rows(x, graph.distinct_steps)
+            rows = rows if input_layer is None else input_layer(rows)
             return bidirectional_gru(encoder, rows, graph.utterance_steps, graph.step_rows)
-        x = expand_rows(rows, graph.step_rows)
+        if input_layer is not None:
+            x = expand_rows(input_layer(distinct_rows(x, graph.distinct_steps)), graph.step_rows)
         if isinstance(encoder, nn.TransformerEncoderLayer):
             return encoder(x)
         # On the GPU, one launch each way instead of cuDNN's per-step kernels (model/cuda_graphs.py).
@@ -221,7 +245,8 @@ class M3Net(nn.Module):
         encoded = {}
         for m in self.cfg.modalities:
             if m == "l":
-                z = self._context(f"{self._text_rnn}_l" if self._text_rnn else "trans_l", self.linear_l,
+                z = self._context(f"{self._text_rnn}_l" if self._text_rnn else "trans_l",
+                                  self.linear_l if self.cfg.text_linear else None,
                                   self._normalise_text(batch.text), graph)
             elif self.cfg.av_using_lstm:
                 # The RNN reads the padded steps too (as in the reference).
@@ -236,10 +261,12 @@ class M3Net(nn.Module):
         return encoded
 
     def encoder_groups(self) -> dict[str, list[nn.Parameter]]:
-        """θ_m: the parameters each modality's encoder owns (what OGM and MMPareto act on)."""
+        """θ_m: the parameters each modality's encoder owns (what OGM and MMPareto act on);
+        without --text_linear, linear_l is no part of the text encoder."""
         groups = {}
         for m in self.cfg.modalities:
-            names = [f"linear_{m}", f"gru_{m}", f"lstm_{m}", f"trans_{m}"]
+            names = [f"linear_{m}"] if m != "l" or self.cfg.text_linear else []
+            names += [f"gru_{m}", f"lstm_{m}", f"trans_{m}"]
             if m == "l":
                 names += [f"norm{kind}{s}" for kind in ("BN", "LN") for s in "abcd"
                           if self.cfg.norm == kind]
@@ -266,6 +293,19 @@ class M3Net(nn.Module):
             h = apply_dropout(h, self.cfg.dropout, self.training)
         return F.log_softmax(self.smax_fc(F.relu(h)), dim=-1)
 
+    @torch.no_grad()
+    def coalition_log_probs(self, out: ModelOutput, coalitions: torch.Tensor) -> torch.Tensor:
+        """The multimodal log-probs of every coalition [K, M] (bool, columns in `cfg.modalities`
+        order): modalities outside a coalition zeroed at the graph input, no dropout, the encoder
+        outputs of `out` reused: [K, N, C]. Coalitions run as a leading dimension, in as few graph
+        passes as `coalitions_per_pass` allows."""
+        nodes, projected = out.nodes.detach(), out.projected.detach()
+        messages = self.graph_model.presence_messages(projected, out.graph)
+        per_pass = coalitions_per_pass(len(coalitions), projected)
+        return torch.cat([self.fuse(nodes, out.graph, chunk, dropout=False, projected=projected,
+                                    presence_messages=messages)
+                          for chunk in coalitions.split(per_pass)])
+
     @staticmethod
     def _real_utterances(encoded: dict[str, torch.Tensor], graph: DialogueGraph) -> dict[str, torch.Tensor]:
         """Encoder outputs [T, B, 1024] -> those of the real utterances, [N, 1024]."""
@@ -284,5 +324,11 @@ class M3Net(nn.Module):
             log_probs = self.fuse(nodes, graph, projected=projected)
         # Gathered apart from the graph's: a DGS step's first backward pass frees what it goes
         # through down to the encoder outputs, and the heads' pass comes after it.
-        unimodal = {m: getattr(self, f"head_{m}")(z) for m, z in self._real_utterances(encoded, graph).items()}
-        return ModelOutput(log_probs, unimodal, encoded, nodes, projected, graph)
+        return ModelOutput(log_probs, self.unimodal_logits(encoded, graph), encoded, nodes, projected, graph)
+
+    def unimodal_logits(self, encoded: dict[str, torch.Tensor], graph: DialogueGraph,
+                        detach: bool = False) -> dict[str, torch.Tensor]:
+        """head_m(z_m) of the real utterances, [N, C] per modality; `detach`: heads fitted on the
+        encoder outputs without a gradient reaching the encoders."""
+        return {m: getattr(self, f"head_{m}")(z.detach() if detach else z)
+                for m, z in self._real_utterances(encoded, graph).items()}

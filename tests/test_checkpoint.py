@@ -228,7 +228,7 @@ def test_a_text_file_given_as_checkpoint_is_named_as_such(tmp_path):
 
 
 # =========================================================================== atomic writes
-def test_save_atomic_writes_a_second_path_once_and_before_the_first(tmp_path, monkeypatch):
+def test_save_atomic_writes_a_second_path_once_and_after_the_first(tmp_path, monkeypatch):
     last, best = tmp_path / "last.pt", tmp_path / "best.pt"
     save_atomic({"epoch": torch.tensor(0)}, last, also=best)
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
@@ -242,7 +242,7 @@ def test_save_atomic_writes_a_second_path_once_and_before_the_first(tmp_path, mo
     monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(Path(b).name), real_replace(a, b)))
     monkeypatch.setattr(os, "link", lambda a, b: (_ for _ in ()).throw(OSError("no links here")))
     save_atomic({"epoch": torch.tensor(2)}, last, also=best)   # a file system without links: a copy
-    assert renamed == ["best.pt", "last.pt"]                   # a crash between keeps last.pt older
+    assert renamed == ["last.pt", "best.pt"]                   # a crash between keeps best.pt older
     assert not os.path.samefile(last, best) and sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
     assert [torch.load(p, weights_only=True)["epoch"].item() for p in (best, last)] == [2, 2]
 

@@ -59,7 +59,9 @@ def test_graphed_shaping_draws_what_the_eager_shaping_draws():
         for g, w in zip(got, want):     # the same draws; sums may differ in the last bit (other offsets)
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_cos, want_cos, rtol=1e-5, atol=1e-6)
-    assert len(graphs.graphs) == 1
+    # The first replay agreed with the eager shaping (its check): the graph stays.
+    assert graphs.take_notices() == [] and len(graphs.graphs) == 1
+    assert next(iter(graphs.graphs.values())).checked
     first = graphs(g_mm, g_uni, coeff, True, 0.8)[0][0].clone()
     assert not torch.equal(first, graphs(g_mm, g_uni, coeff, True, 0.8)[0][0])   # each replay draws anew
 
@@ -125,6 +127,7 @@ def test_dgs_step_gradients_on_cuda_match_the_cpu(iemocap_dir):
         step = DGSStep(m, torch.optim.SGD(m.parameters(), lr=0.0), torch.nn.NLLLoss(), settings)
         stats[name] = step(b, modulation_on=True)
         grads[name] = {n: p.grad.cpu() for n, p in m.named_parameters() if p.grad is not None}
+        assert step.take_notices() == []                           # no graph went back to eager
     assert gpu_model.gru_l in _GRAPHS                              # the text GRU ran from CUDA graphs
     assert grads["cpu"].keys() == grads["cuda"].keys()
     for key in ("shapley", "coeff", "cos", "loss_mm"):
@@ -282,10 +285,47 @@ def test_dgs_training_with_cuda_graphs_matches_eager_training(iemocap_dir):
                        DGSSettings(modulation="OGM", pareto_gamma=0.2))
         for batch in batches + batches:
             step(batch.to(CUDA), modulation_on=True)
+        assert step.take_notices() == []                     # every first replay agreed with eager
         assert (gpu_model.gru_l in _GRAPHS) is graphs
         assert len(step.shaping_graphs.graphs) == graphs     # one kind of call: g_u and κ every step
         trained[graphs] = {n: p.detach().cpu() for n, p in gpu_model.named_parameters()}
     for n, p in trained[False].items():
         assert not torch.equal(p, model.state_dict()[n]) or "gru_l" not in n, n   # the GRU did learn
+        scale = p.abs().max().item() + 1e-12
+        assert (trained[True][n] - p).abs().max().item() <= 1e-4 * scale + 1e-6, n
+
+
+def test_dgs_training_goes_on_eagerly_where_the_captures_fail(iemocap_dir, monkeypatch):
+    """Every CUDA graph capture refused, as on a setup that cannot capture: the context RNN and the
+    gradient shaping go back to eager, each says so once, and the training goes on to the
+    weights of training without graphs (the RNN then as nn.GRU runs it, its weights laid out
+    as nn.GRU lays them)."""
+    model, _ = _model_and_batch(iemocap_dir, "IEMOCAP", dropout=0.0)
+    batches = list(make_loaders(load_conversations("IEMOCAP", iemocap_dir), 2, shuffle_train=False)["train"])[:2]
+    refusal = "CUDA error: operation not permitted when stream is capturing"
+
+    def refused(*args, **kwargs):
+        raise RuntimeError(f"{refusal}\nCUDA kernel errors might be asynchronously reported")
+    trained = {}
+    for graphs in (True, False):
+        gpu_model = M3Net(model.cfg)
+        gpu_model.load_state_dict(model.state_dict())
+        gpu_model.to(CUDA).cuda_graphs = graphs
+        step = DGSStep(gpu_model, torch.optim.SGD(gpu_model.parameters(), lr=0.01), torch.nn.NLLLoss(),
+                       DGSSettings(modulation="OGM", pareto_gamma=0.2))
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda.CUDAGraph, "capture_begin", refused)
+            for i, batch in enumerate(batches + batches):
+                step(batch.to(CUDA), modulation_on=True)
+                if graphs and i == 0:
+                    assert step.take_notices() == [
+                        f"CUDA graphs off for the context RNN gru_l: capturing its CUDA graphs failed ({refusal}); "
+                        f"it runs eagerly for the rest of the run",
+                        f"CUDA graphs off for the gradient shaping: capturing its CUDA graph failed ({refusal}); "
+                        f"it runs eagerly for the rest of the run"]
+        assert step.take_notices() == []
+        assert gpu_model.gru_l not in _GRAPHS and step.shaping_graphs.graphs == {}
+        trained[graphs] = {n: p.detach().cpu() for n, p in gpu_model.named_parameters()}
+    for n, p in trained[False].items():
         scale = p.abs().max().item() + 1e-12
         assert (trained[True][n] - p).abs().max().item() <= 1e-4 * scale + 1e-6, n

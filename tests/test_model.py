@@ -15,8 +15,10 @@ from model.m3net import M3Net, ModelConfig
 
 try:
     from tests.reference_m3net import assert_close
+    from tests.tolerance import assert_same_computation, assert_within, float64_error, summation_gamma
 except ImportError:  # tests/ on sys.path instead of the repo root
     from reference_m3net import assert_close
+    from tolerance import assert_same_computation, assert_within, float64_error, summation_gamma
 
 CPU = torch.device("cpu")
 C, S, DA, DV = 5, 3, 8, 6
@@ -38,6 +40,16 @@ def make_batch(lengths, seed=0, text_shift=0.0) -> Batch:
     labels = torch.randint(0, C, (b, t), generator=g) * umask.long()
     return Batch(text=text, audio=audio, visual=visual, qmask=qmask, umask=umask, labels=labels,
                  lengths=torch.tensor(lengths), ids=[f"d{i}" for i in range(b)])
+
+
+def in_dtype(batch: Batch, dtype: torch.dtype) -> Batch:
+    return dataclasses.replace(batch, **{f: getattr(batch, f).to(dtype) for f in ("text", "audio", "visual", "qmask",
+                                                                                "umask")})
+
+
+def as_dtype(model: M3Net, dtype: torch.dtype) -> M3Net:
+    """A copy of the model computing in `dtype` (its float32 weights, exactly)."""
+    return copy.deepcopy(model).to(dtype)
 
 
 def make_model(seed=0, **kw) -> M3Net:
@@ -76,7 +88,11 @@ def test_output_shapes(modals, use_residue):
     assert mods == "".join(m for m in "lav" if m in modals)
     n_mod = len(mods)
     assert out.log_probs.shape == (8, C)
-    assert_close(out.log_probs.exp().sum(-1), torch.ones(8))
+
+    def probabilities(dtype):                # they sum to 1, to the rounding of the forward
+        with torch.no_grad():
+            return as_dtype(model, dtype)(in_dtype(batch, dtype)).log_probs.exp().sum(-1), torch.ones(8)
+    assert_same_computation(probabilities)
     assert set(out.unimodal_logits) == set(mods)
     for m in mods:
         assert out.unimodal_logits[m].shape == (8, C)
@@ -92,9 +108,11 @@ def test_unimodal_logits_are_heads_of_valid_encoder_outputs():
     with torch.no_grad():
         out = model(batch)
         for m in "lav":
-            rows = [out.encoded[m][t, b] for b, n in enumerate((2, 3, 1)) for t in range(n)]
-            want = getattr(model, f"head_{m}")(torch.stack(rows))
-            assert_close(out.unimodal_logits[m], want)
+            rows = torch.stack([out.encoded[m][t, b] for b, n in enumerate((2, 3, 1)) for t in range(n)])
+            head = getattr(model, f"head_{m}")
+            # Both a linear map of the same rows: each a sum of 1025 terms, within γ of Σ|terms|.
+            bound = 2 * summation_gamma(head.in_features + 1) * (rows.abs() @ head.weight.abs().t() + head.bias.abs())
+            assert_within(out.unimodal_logits[m], head(rows), bound)
     assert batch.valid_labels.tolist() == [batch.labels[b, t].item()
                                            for b, n in enumerate((2, 3, 1)) for t in range(n)]
 
@@ -114,12 +132,14 @@ def test_speaker_and_modal_embeddings(use_speaker, use_modal):
         for t in range(n):
             speaker = int(batch.qmask[t, b].argmax())
             for m, mod in enumerate("lav"):
-                want = encoded[mod][t, b].clone()
+                terms = [encoded[mod][t, b]]
                 if use_speaker and mod == "l":
-                    want += spk[speaker]
+                    terms.append(spk[speaker])
                 if use_modal:
-                    want += modal[{"a": 0, "v": 1, "l": 2}[mod]]
-                assert_close(nodes[3 * b + t, m], want)
+                    terms.append(modal[{"a": 0, "v": 1, "l": 2}[mod]])
+                # at most 3 terms, added in either order: γ_2 of their magnitudes each way
+                magnitude = sum(x.abs() for x in terms)
+                assert_within(nodes[3 * b + t, m], sum(terms[1:], terms[0]), 2 * summation_gamma(2) * magnitude)
 
 
 def test_capacity_error_from_forward():
@@ -145,21 +165,28 @@ def test_graph_for_reuses_cached_graph():
 def test_coalitions_equal_separate_fuse_with_zeroed_modalities(modals, use_residue):
     model = randomise_graph(make_model(modals=modals, use_residue=use_residue, num_L=2, num_K=2)).eval()
     batch = make_batch((3, 1, 4), seed=3)
-    with torch.no_grad():
-        out = model(batch)
-        n_mod = len(model.cfg.modalities)
-        coalitions = all_coalitions(n_mod)
-        got = model.fuse(out.nodes, out.graph, coalitions, dropout=False)
+    n_mod = len(model.cfg.modalities)
+    coalitions = all_coalitions(n_mod)
+    runs = {}
+
+    @torch.no_grad()
+    def coalitions_and_zeroed(dtype):
+        m = as_dtype(model, dtype)
+        out = m(in_dtype(batch, dtype))
+        got = m.fuse(out.nodes, out.graph, coalitions, dropout=False)
         assert got.shape == (2 ** n_mod, 8, C)
-        for k, coalition in enumerate(coalitions):
+        want = []
+        for coalition in coalitions:
             zeroed = out.nodes.clone()
             zeroed[:, ~coalition] = 0.0
-            want = model.fuse(zeroed, out.graph, dropout=False)
-            assert_close(got[k], want, rtol=1e-5, atol=1e-5)
-        # the coalitions really differ from each other
-        assert (got[0] - got[-1]).abs().max() > 1e-3
+            want.append(m.fuse(zeroed, out.graph, dropout=False))
+        runs[dtype] = got
         # the full coalition is the plain eval forward
-        assert_close(got[-1], out.log_probs, rtol=1e-5, atol=1e-5)
+        return [*got, got[-1]], [*want, out.log_probs]
+    assert_same_computation(coalitions_and_zeroed)
+    # the coalitions really differ from each other, beyond rounding
+    got32, got64 = runs[torch.float32], runs[torch.float64]
+    assert (got64[0] - got64[-1]).abs().max() > float64_error(got32[0], got64[0]) + float64_error(got32[-1], got64[-1])
 
 
 def test_eval_forward_has_no_dropout_train_forward_has():
@@ -229,10 +256,16 @@ def test_valuation_reuses_the_forward_projection_and_the_first_layers_messages()
         want = model.fuse(out.nodes, out.graph, coalitions, dropout=False)
         assert torch.equal(model.fuse(out.nodes, out.graph, coalitions, dropout=False, projected=out.projected,
                                       presence_messages=messages), want)
-        for k in (1, 5):                # one pass per coalition, as chunks do (other batch sizes: rounding)
-            assert_close(model.fuse(out.nodes, out.graph, coalitions[k: k + 1], dropout=False,
-                                    projected=out.projected, presence_messages=messages), want[k: k + 1],
-                         rtol=1e-6, atol=1e-6)
+
+    @torch.no_grad()
+    def one_pass_per_coalition(dtype):      # as chunks do: other batch sizes, other roundings
+        m = as_dtype(model, dtype)
+        out = m(in_dtype(batch, dtype))
+        messages = m.graph_model.presence_messages(out.projected, out.graph)
+        want = m.fuse(out.nodes, out.graph, coalitions, dropout=False)
+        return ([m.fuse(out.nodes, out.graph, coalitions[k: k + 1], dropout=False, projected=out.projected,
+                        presence_messages=messages) for k in (1, 5)], [want[1: 2], want[5: 6]])
+    assert_same_computation(one_pass_per_coalition)
     assert model.graph_model.presence_messages(out.projected, out.graph) is not None
     assert randomise_graph(make_model(num_K=0)).graph_model.presence_messages(out.projected, out.graph) is None
 
@@ -243,25 +276,30 @@ def test_graph_stage_weights_are_positional_over_the_batch():
     g = torch.Generator().manual_seed(6)
     nodes = torch.randn(5, 2, 1024, generator=g)              # lengths (3, 2), modalities a, v
     alone = nodes[3:]                                         # the second dialogue's
+    shifted = copy.deepcopy(model)
     with torch.no_grad():
-        in_batch = model.fuse(nodes, build_graph((3, 2), 2, CPU), dropout=False)[3:]
-        plain = model.fuse(alone, build_graph((2,), 2, CPU), dropout=False)
-        assert (in_batch - plain).abs().max() > 1e-4
-        shifted = copy.deepcopy(model)
         gm = shifted.graph_model
         edge_offset, node_offset = 2 + 3, 2 * 3               # d1: 2 modality + 3 utterance hyperedges, 6 nodes
         gm.hyperedge_weight.copy_(torch.roll(gm.hyperedge_weight, -edge_offset))
         gm.EW_weight.copy_(torch.roll(gm.EW_weight, -node_offset))
-        assert_close(shifted.fuse(alone, build_graph((2,), 2, CPU), dropout=False), in_batch,
-                                   rtol=1e-5, atol=1e-6)
-        # with the uniform initial tables the batch composition does not matter
-        fresh = make_model(modals="av", num_L=2, num_K=1).eval()
-        fresh.load_state_dict({k: v for k, v in model.state_dict().items()
-                               if k not in ("graph_model.hyperedge_weight", "graph_model.EW_weight")},
-                              strict=False)
-        assert_close(fresh.fuse(nodes, build_graph((3, 2), 2, CPU), dropout=False)[3:],
-                                   fresh.fuse(alone, build_graph((2,), 2, CPU), dropout=False),
-                                   rtol=1e-5, atol=1e-6)
+    # with the uniform initial tables the batch composition does not matter
+    fresh = make_model(modals="av", num_L=2, num_K=1).eval()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if k not in ("graph_model.hyperedge_weight", "graph_model.EW_weight")}, strict=False)
+    runs = {}
+
+    @torch.no_grad()
+    def alone_and_in_batch(dtype):
+        def fuse(m, x, lengths):
+            return as_dtype(m, dtype).fuse(x.to(dtype), build_graph(lengths, 2, CPU), dropout=False)
+        in_batch = runs[dtype, "in batch"] = fuse(model, nodes, (3, 2))[3:]
+        runs[dtype, "plain"] = fuse(model, alone, (2,))
+        return ([fuse(shifted, alone, (2,)), fuse(fresh, nodes, (3, 2))[3:]],
+                [in_batch, fuse(fresh, alone, (2,))])
+    assert_same_computation(alone_and_in_batch)
+    # the tables' offsets do matter, beyond rounding
+    tolerance = sum(float64_error(runs[torch.float32, k], runs[torch.float64, k]) for k in ("in batch", "plain"))
+    assert (runs[torch.float64, "in batch"] - runs[torch.float64, "plain"]).abs().max() > tolerance
 
 
 # =========================================================================== text normalisation
@@ -281,31 +319,31 @@ def test_bn_uses_statistics_over_padded_positions_in_train_mode():
             bn.bias.copy_(torch.randn(1024, generator=g))
     lengths = (4, 1, 2)
     batch = make_batch(lengths, seed=7, text_shift=1.5)       # padding (zeros) is far from the mean
-    model.train()
-    z = model.encode(batch, model.graph_for(batch))["l"]
-    with torch.no_grad():
-        manual = sum(_bn_manual(batch.text[k], getattr(model, f"normBN{s}").weight,
-                                getattr(model, f"normBN{s}").bias) for k, s in enumerate("abcd")) / 4
-        want = model.gru_l(model.linear_l(manual))[0]
-        valid = batch.umask.t().bool()                         # [T, B]
-        assert_close(z[valid], want[valid], rtol=1e-5, atol=1e-5)    # encoder outputs at padding are never read
-        # statistics of the real utterances only would give something else
-        mean_valid = batch.text[0][valid].mean(0)
-        mean_all = batch.text[0].reshape(-1, 1024).mean(0)
-        assert (mean_valid - mean_all).abs().mean() > 0.3
-        # running statistics: momentum 0.1 from (0, 1), unbiased variance over all T*B rows
-        bn = model.normBNa
-        assert_close(bn.running_mean, 0.1 * mean_all, rtol=1e-5, atol=1e-6)
-        assert_close(bn.running_var, 0.9 + 0.1 * batch.text[0].reshape(-1, 1024).var(0),
-                                   rtol=1e-5, atol=1e-6)
-        # eval mode uses the running statistics
-        model.eval()
-        z_eval = model.encode(batch, model.graph_for(batch))["l"]
-        manual = sum(((batch.text[k] - getattr(model, f"normBN{s}").running_mean)
-                      / torch.sqrt(getattr(model, f"normBN{s}").running_var + 1e-5))
-                     * getattr(model, f"normBN{s}").weight + getattr(model, f"normBN{s}").bias
-                     for k, s in enumerate("abcd")) / 4
-        assert_close(z_eval[valid], model.gru_l(model.linear_l(manual))[0][valid], rtol=1e-5, atol=1e-5)
+    valid = batch.umask.t().bool()                             # [T, B]
+    # statistics of the real utterances only would give something else
+    mean_valid = batch.text[0][valid].mean(0)
+    mean_all = batch.text[0].reshape(-1, 1024).mean(0)
+    assert (mean_valid - mean_all).abs().mean() > 0.3
+
+    def train_then_eval(dtype):
+        m, b = as_dtype(model, dtype).train(), in_dtype(batch, dtype)
+        norms = [getattr(m, f"normBN{s}") for s in "abcd"]
+        z = m.encode(b, m.graph_for(b))["l"]
+        with torch.no_grad():
+            manual = sum(_bn_manual(b.text[k], bn.weight, bn.bias) for k, bn in enumerate(norms)) / 4
+            want = m.gru_l(m.linear_l(manual))[0]
+            # running statistics: momentum 0.1 from (0, 1), unbiased variance over all T*B rows
+            rows = b.text[0].reshape(-1, 1024)
+            # eval mode uses the running statistics
+            m.eval()
+            z_eval = m.encode(b, m.graph_for(b))["l"]
+            manual = sum(((b.text[k] - bn.running_mean) / torch.sqrt(bn.running_var + 1e-5)) * bn.weight + bn.bias
+                         for k, bn in enumerate(norms)) / 4
+            want_eval = m.gru_l(m.linear_l(manual))[0]
+        # encoder outputs at padding are never read
+        return ([z[valid], norms[0].running_mean, norms[0].running_var, z_eval[valid]],
+                [want[valid], 0.1 * rows.mean(0), 0.9 + 0.1 * rows.var(0), want_eval[valid]])
+    assert_same_computation(train_then_eval)
 
 
 @pytest.mark.parametrize("norm", ["LN", "LN2", "none"])

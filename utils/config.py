@@ -101,10 +101,17 @@ def build_parser(dataset: str, defaults: dict[str, Any]) -> argparse.ArgumentPar
                    help="fraction of train dialogues held out for model selection (0: select on test, as the reference)")
     g.add_argument("--no-pareto", action="store_true", help="sum the multimodal and unimodal gradients instead of MMPareto")
     g.add_argument("--no-shapley", action="store_true", help="skip the Shapley valuation (and so OGM scaling)")
+    g.add_argument("--no-unimodal-loss", action="store_true",
+                   help="train the encoders on the multimodal loss alone (M3Net as published); the unimodal heads "
+                        "are still fitted, on detached encoder outputs (needs --no-pareto)")
     g.add_argument("--pareto-gamma", type=float, default=1.0, help="MMPareto magnitude factor γ")
     g.add_argument("--checkpoint", default=None, help="weights to start from or test: ours, or a raw M3Net state_dict")
     g.add_argument("--resume", action="store_true", help="continue the run in --log-dir from its last.pt")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--text_linear", action=flag, default=True,
+                   help="project the averaged text layers by linear_l before the text context encoder, as DGS's "
+                        "model does (--no-text_linear: upstream M3Net's MELD model, which has linear_l but never "
+                        "reads it; linear_l is then loaded and saved, not trained)")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="on the GPU, train the context RNN and shape the gradients eagerly instead of "
                         "replaying them from CUDA graphs (no effect on the CPU)")
@@ -189,6 +196,8 @@ def check_args(args: argparse.Namespace, dataset: str) -> None:
         raise UserError(f"--valid {args.valid}: give a fraction in [0, 1)")
     if not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout {args.dropout}: give a probability in [0, 1)")
+    if args.no_unimodal_loss and not args.no_pareto:
+        raise UserError("--no-unimodal-loss leaves MMPareto no unimodal gradient to merge: add --no-pareto")
     if args.testing and not args.checkpoint:
         raise UserError("--testing needs --checkpoint PATH")
     if args.resume and not args.log_dir:
@@ -200,18 +209,29 @@ def check_args(args: argparse.Namespace, dataset: str) -> None:
 # Flags that shape the model or its forward pass: a checkpoint gives its predictions only with
 # the values it was trained with. These leave a state_dict's keys and shapes as they are, so
 # only a checkpoint's saved flags can tell them.
-UNSEEN_IN_KEYS = ("norm", "use_speaker", "use_modal")
+UNSEEN_IN_KEYS = ("norm", "use_speaker", "use_modal", "text_linear")
+# A flag added here must default to the model as it was before the flag existed: checkpoints
+# saved before then lack it and were trained that way (`flag_default`).
 ARCHITECTURE_FLAGS = ("modals", "base_model", "norm", "num_L", "num_K", "use_speaker", "use_modal",
-                      "use_residue", "av_using_lstm")
+                      "use_residue", "av_using_lstm", "text_linear")
+
+
+def flag_default(name: str) -> Any:
+    """A flag's default before any dataset's (the value a run saved before the flag existed had)."""
+    return next(action.default for action in _flag_actions() if action.dest == name)
 
 
 def architecture_differences(saved: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The architecture flags on which a checkpoint's saved flags and `args` differ, written as
-    flags: (the checkpoint's, this run's)."""
+    flags: (the checkpoint's, this run's). No saved flags (a raw state_dict): none to compare; a
+    flag missing from them is newer than the checkpoint, which then had its default."""
+    if not saved:
+        return [], []
     theirs, ours = [], []
     for name in ARCHITECTURE_FLAGS:
-        if name in saved and _canonical(name, saved[name]) != _canonical(name, getattr(args, name)):
-            theirs.append(_as_flag(name, saved[name]))
+        value = saved.get(name, flag_default(name))
+        if _canonical(name, value) != _canonical(name, getattr(args, name)):
+            theirs.append(_as_flag(name, value))
             ours.append(_as_flag(name, getattr(args, name)))
     return theirs, ours
 

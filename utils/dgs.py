@@ -20,6 +20,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from dataloader.batch import Batch
+from model.cuda_graphs import take_fallback_notices
 from model.m3net import M3Net, ModelOutput
 from model.rnn import expect_cotangent
 from utils.losses import unimodal_losses
@@ -36,6 +37,7 @@ class DGSSettings:
     modulation: str = "OGM_GE"   # Normal | OGM | OGM_GE
     alpha: float = 0.6           # OGM strength
     pareto_gamma: float = 1.0    # MMPareto magnitude factor
+    unimodal_loss: bool = True   # the encoders learn from ΣL_m too (else the heads alone, on detached z_m)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
@@ -51,34 +53,11 @@ def utterance_labels(batch: Batch, out: ModelOutput) -> torch.Tensor:
     return batch.labels.reshape(-1).index_select(0, out.graph.flat_valid)
 
 
-# Coalitions per batched graph pass. On the CPU a pass of all 2^3 holds 8x the graph's
-# activations at once, and memory traffic, not arithmetic, sets the speed there: each pass takes
-# as many coalitions as keep its node list [K, N, M, 512] within this many bytes (at batch 8:
-# two at IEMOCAP's lengths, all eight at MELD's; IEMOCAP 32 ms against 38 with four and 47 with
-# eight, MELD 6 ms against 8 with four).
-PASS_BYTES = {"cpu": 6 * 2**20}
-
-
-def coalitions_per_pass(n_coalitions: int, projected: torch.Tensor) -> int:
-    """How many coalitions one graph pass takes, for the nodes' fc1 output `projected`."""
-    budget = PASS_BYTES.get(projected.device.type)
-    if budget is None:
-        return n_coalitions
-    return max(1, min(n_coalitions, budget // (projected.numel() * projected.element_size())))
-
-
 @torch.no_grad()
 def modality_scores(model: M3Net, out: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
     """Batch Shapley score s_m = mean_i φ_m,i of each modality: [M] (no dropout in the head)."""
-    n_modalities = out.nodes.shape[-2]
-    coalitions = coalition_masks(n_modalities, labels.device)
-    nodes, projected = out.nodes.detach(), out.projected.detach()
-    per_pass = coalitions_per_pass(len(coalitions), projected)
-    messages = model.graph_model.presence_messages(projected, out.graph)
-    log_probs = torch.cat([model.fuse(nodes, out.graph, chunk, dropout=False, projected=projected,   # [2^M, N, C]
-                                      presence_messages=messages)
-                           for chunk in coalitions.split(per_pass)])
-    return shapley_values(true_label_probs(log_probs, labels)).mean(0)
+    coalitions = coalition_masks(out.nodes.shape[-2], labels.device)
+    return shapley_values(true_label_probs(model.coalition_log_probs(out, coalitions), labels)).mean(0)
 
 
 class DGSStep:
@@ -104,7 +83,9 @@ class DGSStep:
             out = self.model(batch)
             labels = utterance_labels(batch, out)
             loss_mm = self.loss_mm(out.log_probs, labels)
-            loss_uni = unimodal_losses(out.unimodal_logits, labels)
+            logits = (out.unimodal_logits if s.unimodal_loss
+                      else self.model.unimodal_logits(out.encoded, out.graph, detach=True))
+            loss_uni = unimodal_losses(logits, labels)
         stats = {"loss_mm": loss_mm.detach(), "loss_uni": torch.stack(list(loss_uni.values())).detach(),
                  "log_probs": out.log_probs.detach(), "labels": labels}
 
@@ -138,13 +119,19 @@ class DGSStep:
         s = self.settings
         groups = [self.groups[m] for m in self.modalities]
         g_mm = [_grads_of(grads, group) for group in groups]
-        # On the GPU, from a CUDA graph: ~180 launches for three groups, replayed in one.
+        # On the GPU, from a CUDA graph: ~180 launches for three groups, replayed in one (eagerly
+        # once its graphs failed: `take_notices`).
         shape_all = self.shaping_graphs if self.model.cuda_graphs and g_mm[0][0].is_cuda else shape_groups
         flats, cosines = shape_all(g_mm, None if g_uni is None else [_grads_of(g_uni, group) for group in groups],
                                    coeff, s.modulation == "OGM_GE", s.pareto_gamma)
         for m, group, flat in zip(self.modalities, groups, flats):
             grads.update((id(p), g.view_as(p)) for p, g in zip(group, flat.split(self.group_sizes[m])))
         return cosines
+
+    def take_notices(self) -> list[str]:
+        """Lines for the run's log, each given once: which of the CUDA graphs of the steps so far
+        (the model's context RNNs', the gradient shaping's) went back to eager, and why."""
+        return take_fallback_notices(self.model) + self.shaping_graphs.take_notices()
 
     def _backward(self, loss_mm: torch.Tensor, loss_uni: torch.Tensor, encoded: list[torch.Tensor]
                   ) -> tuple[dict[int, torch.Tensor | None], dict[int, torch.Tensor | None] | None]:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,54 +17,63 @@ import torch
 from dataloader.datasets import DATASETS, Conversations, DataError, find_data_dir, load_conversations
 from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state, read_checkpoint
-from model.cuda_graphs import CudaGraphError
 from model.graph import GraphCapacityError, check_capacity
 from model.m3net import M3Net, ModelConfig
-from utils.config import (UNSEEN_IN_KEYS, architecture_differences, as_command_line, flag_name, given_flags,
-                          parse_args)
+from utils.config import (ARCHITECTURE_FLAGS, UNSEEN_IN_KEYS, architecture_differences, as_command_line, flag_default,
+                          flag_name, given_flags, parse_args)
 from utils.cpu_memory import keep_freed_memory
 from utils.dgs import DGSSettings, DGSStep, make_optimizer
 from utils.errors import UserError
 from utils.losses import inverse_prior_weights, multimodal_loss
-from utils.runlog import METRICS_FILE, RunLog, check_not_in_use, write_json
+from utils.runlog import METRICS_FILE, RunLog, check_not_in_use, equal_as_json, read_records, write_json
+from utils.signals import stop_signals_raise
 from utils.trainer import Trainer, TrainingDiverged, evaluate
 
 
 def main(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = None) -> None:
-    """Parse flags, then train or test. User errors: one line on stderr, exit status 2."""
+    """Parse flags, then train or test. User errors: one line on stderr, exit status 2; Ctrl-C and
+    SIGTERM: one line, exit status 128 + the signal's number (130, 143)."""
     keep_freed_memory()
-    try:
-        args = parse_args(dataset, defaults, argv)
-        if args.testing:
-            test(args)
-        else:
-            train(args, given_flags(dataset, defaults, argv) if args.resume else set())
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (TrainingDiverged, CudaGraphError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as e:
-        print(_interrupted(getattr(e, "log_dir", None)), file=sys.stderr)
-        sys.exit(130)
+    with stop_signals_raise():
+        try:
+            args = parse_args(dataset, defaults, argv)
+            if args.testing:
+                test(args)
+            else:
+                train(args, given_flags(dataset, defaults, argv) if args.resume else set())
+        except (UserError, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt as e:
+            signum = _signal_of(e)
+            print(_interrupted(getattr(e, "log_dir", None), signum), file=sys.stderr)
+            sys.exit(128 + signum)
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a training run, whose log dir is known."""
+    """Ctrl-C or SIGTERM during a training run, whose log dir is known."""
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, signum: int):
         super().__init__(str(log_dir))
-        self.log_dir = log_dir
+        self.log_dir, self.signum = log_dir, signum
 
 
-def _interrupted(log_dir: Path | None) -> str:
+def _signal_of(interrupt: KeyboardInterrupt) -> int:
+    """The signal that stopped the run (a KeyboardInterrupt raised otherwise counts as Ctrl-C)."""
+    return getattr(interrupt, "signum", signal.SIGINT)
+
+
+def _interrupted(log_dir: Path | None, signum: int = signal.SIGINT) -> str:
+    stopped = "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
     if log_dir is None:
-        return ("interrupted (a training run keeps its last finished epoch in <log dir>/last.pt: continue it "
-                "with --resume --log-dir <log dir>)")
+        return (f"{stopped} (a training run keeps its last finished epoch in <log dir>/last.pt: continue it "
+                f"with --resume --log-dir <log dir>)")
     if not (log_dir / "last.pt").is_file():
-        return f"interrupted in the first epoch: nothing saved to continue from; remove {log_dir} before reusing it"
-    return (f"interrupted ({log_dir / 'last.pt'} keeps the last finished epoch: continue it with --resume "
+        return f"{stopped} in the first epoch: nothing saved to continue from; remove {log_dir} before reusing it"
+    return (f"{stopped} ({log_dir / 'last.pt'} keeps the last finished epoch: continue it with --resume "
             f"--log-dir {log_dir})")
 
 
@@ -81,7 +93,8 @@ def build_model(args: argparse.Namespace, data: Conversations) -> M3Net:
         n_classes=data.n_classes, n_speakers=data.n_speakers, audio_dim=data.dims["audio"],
         visual_dim=data.dims["visual"], modals=args.modals, base_model=args.base_model, norm=args.norm,
         num_L=args.num_L, num_K=args.num_K, use_speaker=args.use_speaker, use_modal=args.use_modal,
-        use_residue=args.use_residue, av_using_lstm=args.av_using_lstm, dropout=args.dropout)
+        use_residue=args.use_residue, av_using_lstm=args.av_using_lstm, text_linear=args.text_linear,
+        dropout=args.dropout)
     model = M3Net(cfg)
     model.cuda_graphs = not args.no_cuda_graphs
     return model
@@ -202,10 +215,14 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     if args.resume:
         args, resume_from = resume_point(args, given)
         done = resume_from["epoch"] + 1
-        if args.epochs <= done:
+        summarised = _summary_is_current(log_dir, resume_from["best"])
+        # With the epochs it has reached, a run whose summary.json is missing (a full disk, a stop
+        # after its last epoch) writes it and trains no further.
+        if args.epochs < done or (args.epochs == done and summarised):
+            hint = "" if summarised else f", or --epochs {done} to write its summary.json"
             raise UserError(f"--resume: the run in {log_dir} has finished {done} of its "
                             f"{resume_from['args']['epochs']} epochs, and --epochs {args.epochs} asks for no more: "
-                            f"give --epochs above {done} to continue it")
+                            f"give --epochs above {done} to continue it{hint}")
     elif holds_run:
         raise UserError(f"--log-dir {log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
@@ -214,7 +231,8 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     optimizer = make_optimizer(model, args.lr, args.l2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_step, gamma=args.lr_decay_ratio)
     settings = DGSSettings(pareto=not args.no_pareto, shapley=not args.no_shapley, modulation=args.modulation,
-                           alpha=args.alpha_, pareto_gamma=args.pareto_gamma)
+                           alpha=args.alpha_, pareto_gamma=args.pareto_gamma,
+                           unimodal_loss=not args.no_unimodal_loss)
     step = DGSStep(model, optimizer, loss_mm, settings)
     trainer = Trainer(args, model, step, scheduler, loaders, loss_mm, device, log, list(data.class_names))
     with log:
@@ -222,17 +240,18 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
             if resume_from is not None:
                 trainer.resume(resume_from, log.dir / "last.pt")
             trainer.fit()
-        except KeyboardInterrupt:
-            log.ended(_interrupted(log.dir))
-            raise RunInterrupted(log.dir) from None
-        except (UserError, DataError, TrainingDiverged, CudaGraphError) as e:
+        except KeyboardInterrupt as e:
+            signum = _signal_of(e)
+            log.ended(_interrupted(log.dir, signum))
+            raise RunInterrupted(log.dir, signum) from None
+        except (UserError, DataError, TrainingDiverged) as e:
             log.ended(f"error: {e}")
             raise
 
 
 # What a resumed run may change: where things are and how long it goes on.
 RESUME_MAY_CHANGE = ("epochs", "no_cuda", "no_cuda_graphs", "num_workers", "data_dir")
-RESUME_FIELDS = ("model", "optimizer", "scheduler", "epoch", "args", "best")
+RESUME_FIELDS = ("model", "optimizer", "scheduler", "epoch", "args", "metrics", "best")
 
 
 def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -251,8 +270,10 @@ def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
     if trained_on != args.Dataset:
         raise UserError(f"--resume: {last} is a {trained_on} run: continue it with "
                         f"run/train_OGM_Shapley_MMPareto_{trained_on}.py")
-    # Flags newer than the run (absent from its saved ones) take this command line's values.
-    saved = {**vars(args), **state["args"]}
+    _check_run_of_folder(state, last)
+    # Flags newer than the run (absent from its saved ones) take this command line's values, except an
+    # architecture flag: the run was trained with its default.
+    saved = {**vars(args), **{n: flag_default(n) for n in ARCHITECTURE_FLAGS}, **state["args"]}
     changed = sorted(name for name in given - set(RESUME_MAY_CHANGE) - {"log_dir", "resume"}
                      if getattr(args, name) != saved[name])
     if changed:
@@ -264,14 +285,59 @@ def resume_point(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
     return argparse.Namespace(**saved), state
 
 
+def _check_run_of_folder(state: dict[str, Any], last: Path) -> None:
+    """last.pt must be the one its folder's run wrote: the records it keeps of its epoch and of its
+    best are those epochs' lines in metrics.jsonl. A last.pt copied from another run would go on
+    with that run's flags, and leave metrics.jsonl and the summary mixing two runs."""
+    metrics = last.parent / METRICS_FILE
+    try:
+        records = read_records(metrics, state["epoch"]) if metrics.is_file() else {}
+    except UserError as e:
+        raise UserError(f"--resume: {e}") from None
+    for record in (state["metrics"], state["best"]["record"]):
+        epoch = record["epoch"]
+        if not equal_as_json(records.get(epoch), record):
+            found = "differs from" if epoch in records else "is missing from"
+            raise UserError(f"--resume: {last} is not the last.pt of the run in {last.parent}: its record of epoch "
+                            f"{epoch} {found} {metrics} (a last.pt of another run?); put back the run's own, or "
+                            f"continue that other run in its own folder")
+
+
+def _summary_is_current(log_dir: Path, best: dict[str, Any]) -> bool:
+    """Whether log_dir's summary.json is the one the run's best epoch gives."""
+    try:
+        summary = json.loads((log_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(summary, dict) and summary.get("selected_epoch") == best["epoch"]
+            and equal_as_json(summary.get("metrics"), best["record"]))
+
+
 def test(args: argparse.Namespace) -> None:
     data, loaders, model, loss_mm, device, log = setup(args)
     with log:
-        result = evaluate(model, loaders["test"], loss_mm, device, args.Dataset)
-        metrics = {k: result[k] for k in ("acc", "weighted_f1", "macro_f1", "micro_f1")}
-        metrics["n_utterances"] = int(result["labels"].size)
-        metrics["predictions"] = result["preds"].astype(int).tolist()
+        try:
+            _write_test_metrics(args, loaders, model, loss_mm, device, log)
+        except UserError as e:
+            log.ended(f"error: {e}")
+            raise
+
+
+def _write_test_metrics(args: argparse.Namespace, loaders: dict, model: M3Net, loss_mm: torch.nn.Module,
+                        device: torch.device, log: RunLog) -> None:
+    result = evaluate(model, loaders["test"], loss_mm, device, args.Dataset)
+    if not math.isfinite(result["loss"]):
+        raise UserError(f"checkpoint {args.checkpoint}: its test loss on this data is NaN/Inf, so its predictions are "
+                        f"not a model's; {log.dir / 'test_metrics.json'} not written")
+    metrics = {k: result[k] for k in ("acc", "weighted_f1", "macro_f1", "micro_f1", "per_class_f1", "unimodal",
+                                      "coalition_acc", "shapley")}
+    metrics["n_utterances"] = int(result["labels"].size)
+    metrics["predictions"] = result["preds"].astype(int).tolist()
+    try:
         write_json(log.dir / "test_metrics.json", metrics)
-        log.line(f"test: acc {metrics['acc']:.2f} weighted F1 {metrics['weighted_f1']:.2f} macro F1 "
-                 f"{metrics['macro_f1']:.2f} micro F1 {metrics['micro_f1']:.2f} on {metrics['n_utterances']} "
-                 f"utterances; written to {log.dir / 'test_metrics.json'}")
+    except OSError as e:
+        raise UserError(f"cannot write {log.dir / 'test_metrics.json'} ({e.strerror})") from None
+    log.line(f"test: acc {metrics['acc']:.2f} weighted F1 {metrics['weighted_f1']:.2f} macro F1 "
+             f"{metrics['macro_f1']:.2f} micro F1 {metrics['micro_f1']:.2f} on {metrics['n_utterances']} "
+             f"utterances; unimodal acc " + " ".join(f"{m}={v['acc']:.1f}" for m, v in metrics["unimodal"].items())
+             + f"; written to {log.dir / 'test_metrics.json'}")

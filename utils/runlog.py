@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from utils.errors import UserError, stdout_gone
 
@@ -16,15 +17,24 @@ except ImportError:          # Windows: there a second run in the same folder is
     fcntl = None
 
 METRICS_FILE = "metrics.jsonl"   # one JSON record per epoch
+# The files a run writes through atomic_path, whose temp files a killed run may leave behind.
+ATOMIC_FILES = ("last.pt", "best.pt", METRICS_FILE, "summary.json", "test_metrics.json")
+
+
+def temp_path(path: Path) -> Path:
+    """The one temp name of `path` (fixed, so that what a killed run left is found and removed)."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temp file beside `path` to write; renamed onto `path` when the block ends, removed if it
-    raises: a crash never leaves half a file. One fixed temp name per file, so what a killed
-    process left behind is replaced by the next save rather than piling up."""
+    """A temp file beside `path` to write as a new file; renamed onto `path` when the block ends,
+    removed if it raises: a crash never leaves half a file. The temp name is removed first: one a
+    killed save left may be a hard link to a kept file (best.pt), which writing through it would
+    overwrite."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
+    tmp.unlink(missing_ok=True)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -33,9 +43,82 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """`obj` as strict JSON, the one encoding of every JSON output: a float that is not finite
+    (NaN, Inf, which strict JSON readers reject) is written as null."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
+
+
+def equal_as_json(a: Any, b: Any) -> bool:
+    """Whether `a` and `b` are written as the same JSON (a record read back from a JSON output
+    against the one a checkpoint keeps)."""
+    return json.loads(json_text(a)) == json.loads(json_text(b))
+
+
 def write_json(path: Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        _write_new(tmp, (json_text(obj, indent=1) + "\n").encode())
+
+
+def read_records(path: Path, last_epoch: int) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl's records by epoch, up to the one of `last_epoch`: the lines after it (epochs
+    logged after last.pt was written, a record that a kill cut short) are not read."""
+    records = {}
+    with open(path) as file:
+        for number, line in enumerate(file, 1):
+            record = _record_of(line)
+            if record is None:
+                raise UserError(f"{path}: line {number} is not a record of an epoch")
+            records[record["epoch"]] = record
+            if record["epoch"] == last_epoch:
+                break
+    return records
+
+
+def _record_of(line: str) -> dict[str, Any] | None:
+    """The epoch record on a line of metrics.jsonl; None if it holds none."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write `data` into a file created here (never through one that exists)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Append `data` to the file open (O_APPEND) as `fd`, whole or not at all: what a failed write
+    (a full disk) added is cut off again, so that the file keeps whole lines."""
+    size = os.fstat(fd).st_size
+    try:
+        _write_all(fd, data)
+    except BaseException:
+        os.ftruncate(fd, size)
+        raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (one call may write only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class RunLog:
@@ -51,12 +134,13 @@ class RunLog:
         had_lock = (self.dir / ".lock").exists()
         self._lock = _lock_dir(self.dir)
         try:
-            self._text = _append_to(self.dir / "train.log", buffering=1)
+            self._text = _append_to(self.dir / "train.log", "ab", buffering=0)
         except UserError:
             self._lock.close()
             if not had_lock:                         # a failed start leaves the folder as it found it
                 (self.dir / ".lock").unlink()
             raise
+        _remove_stale_temp_files(self.dir)
         self._writer = summary_writer(str(self.dir)) if summary_writer else None
         self._stdout = True
 
@@ -64,8 +148,15 @@ class RunLog:
     def metrics_path(self) -> Path:
         return self.dir / METRICS_FILE
 
+    @property
+    def text_path(self) -> Path:
+        return self.dir / "train.log"
+
     def line(self, text: str) -> None:
-        self._text.write(text + "\n")
+        try:
+            _append(self._text.fileno(), (text + "\n").encode())
+        except OSError as e:
+            raise UserError(f"cannot write {self.text_path} ({e.strerror})") from None
         if self._stdout:
             try:
                 print(text, flush=True)
@@ -75,12 +166,20 @@ class RunLog:
 
     def ended(self, text: str) -> None:
         """The line a run ends on when it fails or is interrupted: into train.log alone (the entry
-        point prints it on stderr), so that the log says how the run ended."""
-        self._text.write(text + "\n")
+        point prints it on stderr), so that the log says how the run ended. Where even that line
+        cannot be written (the full disk that stopped the run), stderr alone has it."""
+        try:
+            _append(self._text.fileno(), (text + "\n").encode())
+        except OSError:
+            pass
 
     def epoch(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append the epoch's record to metrics.jsonl; an OSError (a full disk) leaves the file as it was."""
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            _append(fd, (json_text(record) + "\n").encode())
+        finally:
+            os.close(fd)
         if self._writer is not None:
             for key, value in _flatten(record).items():
                 if key != "epoch":
@@ -88,14 +187,18 @@ class RunLog:
             self._writer.flush()
 
     def drop_epochs_after(self, epoch: int) -> None:
-        """Forget metrics.jsonl records past `epoch` (written before a crash that lost their checkpoint)."""
-        if not self.metrics_path.exists():
-            return
+        """Forget the lines of metrics.jsonl after the record of `epoch` (epochs logged before a
+        crash that lost their checkpoint, a record that a kill cut short)."""
         lines = self.metrics_path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
+        kept = []
+        for line in lines:
+            kept.append(line)
+            record = _record_of(line)
+            if record is not None and record["epoch"] == epoch:
+                break
         if len(kept) != len(lines):
             with atomic_path(self.metrics_path) as tmp:
-                tmp.write_text("".join(kept))
+                _write_new(tmp, "".join(kept).encode())
 
     def __enter__(self) -> RunLog:
         return self
@@ -133,12 +236,22 @@ def _make_dir(path: Path, fresh: bool) -> Path:
             raise UserError(f"--log-dir {candidate}: cannot create it ({e.strerror})") from None
 
 
-def _append_to(path: Path, buffering: int = -1) -> TextIO:
+def _append_to(path: Path, mode: str = "a", buffering: int = -1) -> IO:
     """`path` (in the log dir) opened for appending; a UserError naming the folder if it cannot be."""
     try:
-        return open(path, "a", buffering=buffering)
+        return open(path, mode, buffering=buffering)
     except OSError as e:
         raise UserError(f"--log-dir {path.parent}: cannot write in it ({e.strerror})") from None
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Remove the temp files a killed run left (half a checkpoint, a hard link to best.pt), so that
+    a finished run leaves none. Files only: anything else there fails the write that needs the
+    name, with a line naming it."""
+    for name in ATOMIC_FILES:
+        stale = temp_path(folder / name)
+        if stale.is_symlink() or stale.is_file():
+            stale.unlink(missing_ok=True)
 
 
 def check_not_in_use(folder: Path) -> None:
@@ -165,7 +278,7 @@ def _lock_dir(folder: Path) -> TextIO:
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     flat = {}
     for key, value in record.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{key or 'none'}"      # "" names the empty coalition
         if isinstance(value, dict):
             flat.update(_flatten(value, name + "/"))
         elif isinstance(value, (int, float)) and value is not None:

@@ -19,7 +19,7 @@ def coalition_masks(n_modalities: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def shapley_matrix(n_modalities: int, device: torch.device) -> torch.Tensor:
+def shapley_matrix(n_modalities: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[2^M, M] weights W with φ = v @ W for coalition values v [.., 2^M].
 
     φ_m = Σ_{S ∌ m} |S|!(M−|S|−1)!/M! · (v(S ∪ {m}) − v(S)), so coalition S enters φ_m with
@@ -36,7 +36,7 @@ def shapley_matrix(n_modalities: int, device: torch.device) -> torch.Tensor:
                 matrix[s, i] = weight[sizes[s] - 1]
             elif sizes[s] < m:
                 matrix[s, i] = -weight[sizes[s]]
-    return matrix.float().to(device)
+    return matrix.to(device, dtype)
 
 
 def shapley_values(coalition_values: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def shapley_values(coalition_values: torch.Tensor) -> torch.Tensor:
     Efficiency holds exactly: Σ_m φ_m,i = v(M)_i − v(∅)_i.
     """
     n_modalities = (coalition_values.shape[0] - 1).bit_length()
-    return coalition_values.t() @ shapley_matrix(n_modalities, coalition_values.device).to(coalition_values.dtype)
+    return coalition_values.t() @ shapley_matrix(n_modalities, coalition_values.device, coalition_values.dtype)
 
 
 def true_label_probs(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,16 +17,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.checkpoint import save_atomic
+from dataloader.datasets import DATASETS
+from model.checkpoint import link_atomic, save_atomic
 from model.m3net import M3Net
 from utils.dgs import DGSStep, utterance_labels
 from utils.errors import UserError
-from utils.metrics import classification_metrics, report
+from utils.metrics import classification_metrics, modality_diagnostics, report
 from utils.runlog import METRICS_FILE, RunLog, write_json
+from utils.shapley import coalition_masks
+from utils.signals import stop_signals_held
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/Inf; the message names the epoch and step."""
+    """The loss became NaN/Inf; the message names the epoch and the step or the split."""
 
 
 def _progress(loader: DataLoader, desc: str):
@@ -32,24 +38,36 @@ def _progress(loader: DataLoader, desc: str):
 
 @torch.no_grad()
 def evaluate(model: M3Net, loader: DataLoader, loss_mm: nn.Module, device: torch.device,
-             dataset: str) -> dict[str, Any]:
+             dataset: str, diagnostics: bool = True) -> dict[str, Any]:
     """Loss and metrics of one split in loader order; 'preds'/'labels' are numpy arrays.
 
     The loss is L_mm over the whole split at once (with class weights, the weighted mean over all
-    its utterances, not a mean of per-batch means).
+    its utterances, not a mean of per-batch means). `diagnostics`: also each modality's unimodal
+    head, every coalition's accuracy and their Shapley values, and per-class F1
+    (`modality_diagnostics`), from the same forward passes: the coalitions reuse each batch's
+    encoder outputs.
     """
     model.eval()
-    log_probs, labels = [], []
+    coalitions = coalition_masks(len(model.cfg.modalities), device)[:-1]   # the last, all present, is `out`
+    log_probs, labels, unimodal, coalition_preds = [], [], defaultdict(list), []
     for batch in _progress(loader, "eval"):
         batch = batch.to(device, non_blocking=True)
         out = model(batch)
         log_probs.append(out.log_probs)
         labels.append(utterance_labels(batch, out))
+        if diagnostics:
+            for m, logits in out.unimodal_logits.items():
+                unimodal[m].append(logits.argmax(-1))
+            coalition_preds.append(model.coalition_log_probs(out, coalitions).argmax(-1))
     log_probs, labels = torch.cat(log_probs), torch.cat(labels)
     preds_np, labels_np = log_probs.argmax(-1).cpu().numpy(), labels.cpu().numpy()
-    return {"loss": float(loss_mm(log_probs, labels)),
-            **classification_metrics(labels_np, preds_np, dataset),
-            "preds": preds_np, "labels": labels_np}
+    result = {"loss": float(loss_mm(log_probs, labels)), **classification_metrics(labels_np, preds_np, dataset)}
+    if diagnostics:
+        result.update(modality_diagnostics(
+            labels_np, preds_np, {m: torch.cat(p).cpu().numpy() for m, p in unimodal.items()},
+            torch.cat(coalition_preds, 1).cpu().numpy(), model.cfg.modalities, model.cfg.modals,
+            DATASETS[dataset].class_names))
+    return {**result, "preds": preds_np, "labels": labels_np}
 
 
 @dataclass
@@ -101,20 +119,25 @@ class Trainer:
         stats, log_probs, labels = EpochStats(), [], []
         for batch in _progress(self.loaders["train"], f"epoch {epoch}"):
             step_stats = self.step(batch.to(self.device, non_blocking=True), modulation_on)
+            for notice in self.step.take_notices():      # CUDA graphs that went back to eager, once each
+                self.log.line(notice)
             stats.add(step_stats)
             log_probs.append(step_stats["log_probs"])
             labels.append(step_stats["labels"])
         bad = stats.first_bad_step()
         if bad is not None:
-            last = self.log.dir / "last.pt"
-            kept = (f"{last} holds the last good epoch" if last.is_file() else
-                    f"nothing was saved before it; remove {self.log.dir} before reusing it")
             raise TrainingDiverged(f"the loss became NaN/Inf at epoch {epoch + 1}/{args.epochs} (epoch {epoch} in "
-                                   f"{METRICS_FILE}), step {bad + 1}/{len(labels)}; {kept}")
+                                   f"{METRICS_FILE}), step {bad + 1}/{len(labels)}; {self._kept()}")
         means = stats.means()
         preds_np, labels_np = torch.cat(log_probs).argmax(-1).cpu().numpy(), torch.cat(labels).cpu().numpy()
         train = {"loss": float(means["loss_mm"]), **classification_metrics(labels_np, preds_np, args.Dataset)}
         return train, means
+
+    def _kept(self) -> str:
+        """What a run that diverged keeps."""
+        last = self.log.dir / "last.pt"
+        return (f"{last} holds the last good epoch" if last.is_file() else
+                f"nothing was saved before it; remove {self.log.dir} before reusing it")
 
     def modality_record(self, means: dict[str, np.ndarray]) -> dict[str, dict[str, float | None]]:
         record = {}
@@ -134,26 +157,40 @@ class Trainer:
             self.scheduler.step()
             results = {name: evaluate(self.model, self.loaders[name], self.loss_mm, self.device, args.Dataset)
                        for name in self.loaders if name != "train"}
+            for name, result in results.items():
+                if not math.isfinite(result["loss"]):
+                    raise TrainingDiverged(f"the {name} loss became NaN/Inf at epoch {epoch + 1}/{args.epochs} "
+                                           f"(epoch {epoch} in {METRICS_FILE}), evaluated after its training; "
+                                           f"{self._kept()}")
             elapsed = time.perf_counter() - started
             record = {"epoch": epoch, "train": train,
                       **{name: _public(r) for name, r in results.items()},
                       "modalities": self.modality_record(means), "lr": lr, "epoch_time_s": elapsed}
-            self.log.epoch(record)
-            self.log.line(_epoch_line(record, args.epochs))
             score = results[self.select_on]["weighted_f1"]
             improved = score > self.best["score"]
             if improved:
                 self.best = {"epoch": epoch, "score": score, "record": record,
                              "test_preds": results["test"]["preds"].tolist(),
                              "test_labels": results["test"]["labels"].tolist()}
-            # best.pt, when this epoch is the best, is the same file (written once, best.pt first).
-            try:
-                save_atomic(self.checkpoint(epoch, record), self.log.dir / "last.pt",
-                            also=self.log.dir / "best.pt" if improved else None)
-            except OSError as e:             # a full disk, a folder gone or made read-only meanwhile
-                raise UserError(f"cannot write the checkpoint of epoch {epoch + 1}/{args.epochs}: "
-                                f"{e.filename or self.log.dir / 'last.pt'} ({e.strerror})") from None
+            with stop_signals_held():        # Ctrl-C or SIGTERM stops the run once the epoch is kept
+                self._keep_epoch(epoch, record, improved)
         return self.summary()
+
+    def _keep_epoch(self, epoch: int, record: dict[str, Any], improved: bool) -> None:
+        """The epoch's line in metrics.jsonl and the log, then its checkpoint: last.pt, and best.pt
+        when it is the best so far (the same file, written once)."""
+        where = f"epoch {epoch + 1}/{self.args.epochs}"
+        try:
+            self.log.epoch(record)
+        except OSError as e:                 # a full disk: the file keeps the epochs before
+            raise UserError(f"cannot write the metrics of {where}: {self.log.metrics_path} ({e.strerror})") from None
+        self.log.line(_epoch_line(record, self.args.epochs))
+        try:
+            save_atomic(self.checkpoint(epoch, record), self.log.dir / "last.pt",
+                        also=self.log.dir / "best.pt" if improved else None)
+        except OSError as e:                 # a full disk, a folder gone or made read-only meanwhile
+            raise UserError(f"cannot write the checkpoint of {where}: "
+                            f"{e.filename or self.log.dir / 'last.pt'} ({e.strerror})") from None
 
     def checkpoint(self, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.step.optimizer.state_dict(),
@@ -167,9 +204,23 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.best = state["best"]
         self.start_epoch = state["epoch"] + 1
-        self.log.drop_epochs_after(state["epoch"])
+        with stop_signals_held():
+            try:
+                self.log.drop_epochs_after(state["epoch"])
+                if self.best["epoch"] == state["epoch"]:
+                    self._relink_best(path)
+            except OSError as e:
+                raise UserError(f"--resume: cannot write in {self.log.dir}: {e.filename or self.log.dir} "
+                                f"({e.strerror})") from None
         self.log.line(f"resumed from {path} after epoch {state['epoch'] + 1}/{self.args.epochs} "
                       f"(epoch {state['epoch']} in {METRICS_FILE})")
+
+    def _relink_best(self, last: Path) -> None:
+        """best.pt is last.pt when last.pt's epoch is the best: a kill between the two renames of
+        its save left the old best.pt (last.pt is renamed first)."""
+        best = self.log.dir / "best.pt"
+        if not (best.is_file() and os.path.samefile(best, last)):
+            link_atomic(last, best)
 
     def summary(self) -> dict[str, Any]:
         best = self.best
@@ -179,7 +230,12 @@ class Trainer:
         summary = {"selected_epoch": best["epoch"], "selected_by": protocol,
                    "metrics": best["record"], "test_classification_report": text,
                    "test_confusion_matrix": matrix}
-        write_json(self.log.dir / "summary.json", summary)
+        path = self.log.dir / "summary.json"
+        try:
+            write_json(path, summary)
+        except OSError as e:                 # a full disk: --resume writes it from last.pt later
+            raise UserError(f"cannot write {path} ({e.strerror}); the run's epochs are kept: once it can be written, "
+                            f"--resume --log-dir {self.log.dir} writes it without training further") from None
         test = best["record"]["test"]
         self.log.line(f"selected epoch {best['epoch'] + 1}/{self.args.epochs} (epoch {best['epoch']} in "
                       f"{METRICS_FILE}) by {protocol}: test acc {test['acc']:.2f} "
@@ -202,6 +258,8 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
         if split in record:
             r = record[split]
             parts.append(f"{split} loss {r['loss']:.4f} acc {r['acc']:.2f} wF1 {r['weighted_f1']:.2f}")
+    if "unimodal" in record["test"]:
+        parts.append("test unimodal acc " + " ".join(f"{m}={v['acc']:.1f}" for m, v in record["test"]["unimodal"].items()))
     mods = record["modalities"]
     for key, label in (("shapley", "shapley"), ("coeff", "coeff"), ("conflict_frac", "conflict")):
         values = {m: v[key] for m, v in mods.items() if v[key] is not None}
