@@ -1,6 +1,6 @@
 """Time of the gradient shaping alone (MMPareto + OGM-GE on every encoder group), at M3Net's real
-parameter sizes: as a training step runs it (on the CPU, `utils/shaping.py`'s per-tensor
-implementation; on the GPU, the flat one replayed from a CUDA graph, `utils/shaping_graph.py`),
+parameter sizes: as a training step runs it (on the CPU, `utils/dgs/shaping.py`'s per-tensor
+implementation; on the GPU, the flat one replayed from a CUDA graph, `utils/dgs/shaping_graph.py`),
 the flat implementation run eagerly on the same device, and the text group's noise draw against
 a plain `torch.randn`.
 
@@ -26,9 +26,9 @@ from benchmarks.bench_train import checked_device, sync  # noqa: E402
 from dataloader.datasets import DATASETS, VISUAL_DIM  # noqa: E402
 from model.m3net import M3Net, ModelConfig  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
-from utils.dgs import DGSSettings, DGSStep, make_optimizer  # noqa: E402
-from utils.noise import standard_normal_like  # noqa: E402
-from utils.shaping import shape_group_flat  # noqa: E402
+from utils.dgs.step import DGSSettings, DGSStep, make_optimizer  # noqa: E402
+from utils.dgs.noise import standard_normal_like  # noqa: E402
+from utils.dgs.shaping import shape_group_flat  # noqa: E402
 
 
 def timed_ms(fn, device: torch.device, repeats: int) -> tuple[float, float]:

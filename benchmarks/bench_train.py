@@ -33,21 +33,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataloader.datasets import Conversations, DataError, load_conversations  # noqa: E402
+from dataloader.datasets import DATASETS, Conversations, DataError, load_conversations  # noqa: E402
 from dataloader.loaders import make_loaders  # noqa: E402
 from dataloader.synthetic import generate  # noqa: E402
-from model.m3net import M3Net, ModelConfig  # noqa: E402
+from model.m3net import M3Net  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
-from utils.dgs import DGSSettings, DGSStep, make_optimizer  # noqa: E402
-from utils.losses import multimodal_loss  # noqa: E402
-from utils.trainer import evaluate  # noqa: E402
+from utils.dgs.step import DGSStep  # noqa: E402
+from utils.training.config import METHODS, as_command_line, parse_args  # noqa: E402
+from utils.training.main import build_loss, build_model, build_step  # noqa: E402
+from utils.training.trainer import evaluate  # noqa: E402
 
-CONFIGS = {
-    "plain": DGSSettings(pareto=False, shapley=False, modulation="Normal"),
-    "dgs": DGSSettings(),
-}
-README_FLAGS = {"IEMOCAP": dict(lr=1e-4, dropout=0.5, use_modal=True, pareto_gamma=0.2),
-                "MELD": dict(lr=1e-5, dropout=0.4, use_modal=False, pareto_gamma=1.0)}
+CONFIGS = ("plain", "dgs")          # methods of utils/training/config.py: METHODS, compared step by step
 PHASES = ("m3net.encoders", "m3net.graph", "dgs.valuation", "dgs.backward", "dgs.shaping", "dgs.optimizer")
 
 
@@ -86,18 +82,19 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build(data, device: torch.device, settings: DGSSettings, flags: dict, args) -> tuple[M3Net, DGSStep, torch.nn.Module]:
+def training_flags(dataset: str, method: str, args) -> argparse.Namespace:
+    """The training script's flags for `method` at the benchmark's sizes, its defaults the dataset's."""
+    argv = [*METHODS[method], "--batch-size", str(args.batch_size), "--num_L", str(args.num_L),
+            "--num_K", str(args.num_K), *(["--no-cuda-graphs"] if args.no_cuda_graphs else [])]
+    return parse_args(dataset, DATASETS[dataset].train_defaults, argv)
+
+
+def build(data, loaders: dict, device: torch.device, flags: argparse.Namespace) -> tuple[M3Net, DGSStep, torch.nn.Module]:
+    """Model, loss and step as training builds them (utils/training/main.py), seeded alike."""
     torch.manual_seed(0)
-    cfg = ModelConfig(n_classes=data.n_classes, n_speakers=data.n_speakers, audio_dim=data.dims["audio"],
-                      visual_dim=data.dims["visual"], num_L=args.num_L, num_K=args.num_K,
-                      use_modal=flags["use_modal"], dropout=flags["dropout"])
-    model = M3Net(cfg).to(device)
-    model.cuda_graphs = not args.no_cuda_graphs
-    loss = multimodal_loss(data.dataset, None).to(device)
-    optimizer = make_optimizer(model, flags["lr"], 3e-5)
-    settings = DGSSettings(pareto=settings.pareto, shapley=settings.shapley, modulation=settings.modulation,
-                           pareto_gamma=flags["pareto_gamma"])
-    return model, DGSStep(model, optimizer, loss, settings), loss
+    model = build_model(flags, data).to(device)
+    loss = build_loss(flags, data, loaders["train"]).to(device)
+    return model, build_step(flags, model, loss), loss
 
 
 def timed_step(step: DGSStep, batch, device: torch.device) -> float:
@@ -244,7 +241,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--epochs", type=int, default=1, help="timed full epochs per configuration (median; 0: none)")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled steps (phase medians and floors)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(METHODS))
     p.add_argument("--paired-rounds", type=int, default=2,
                    help="rounds of plain and DGS steps alternating on the --steps batches (0: none)")
     p.add_argument("--eval-rounds", type=int, default=4,
@@ -273,7 +270,8 @@ def main() -> None:
             for name in args.configs:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                model, step, loss = build(data, device, CONFIGS[name], README_FLAGS[dataset], args)
+                flags = training_flags(dataset, name, args)
+                model, step, loss = build(data, loaders, device, flags)
                 gemm_before, stalls_before = gemm_gflops(device), stall_share(args.stall_seconds)
                 step_times = time_steps(step, batches, device, warmup, args.steps)
                 epoch_times = [sum(time_epoch(step, loaders, loss, device, dataset)) for _ in range(args.epochs)]
@@ -289,20 +287,19 @@ def main() -> None:
                        "stall_share": [stalls_before, stall_share(args.stall_seconds)],
                        "breakdown_ms": phases, "breakdown_min_ms": phase_floor,
                        "floor_s": sum(phase_floor.values()) / 1000,
-                       "flags": dict(batch_size=args.batch_size, num_L=args.num_L, num_K=args.num_K,
-                                     cuda_graphs=not args.no_cuda_graphs, **README_FLAGS[dataset]),
+                       "flags": as_command_line(flags),
                        "step_times": step_times, "epoch_times": epoch_times}
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("step_times", "epoch_times")}), flush=True)
                 del model, step
             if args.paired_rounds and set(CONFIGS) <= set(args.configs):
-                steps = {name: build(data, device, CONFIGS[name], README_FLAGS[dataset], args)[1] for name in CONFIGS}
+                steps = {name: build(data, loaders, device, training_flags(dataset, name, args))[1] for name in CONFIGS}
                 ratios = paired_ratios(steps, batches, device, args.paired_rounds)
                 del steps
                 paired.append({"dataset": dataset, "device": device_name, "ratio_median": statistics.median(ratios),
                                "ratios": ratios})
             if args.eval_rounds:
-                model, _, loss = build(data, device, CONFIGS["dgs"], README_FLAGS[dataset], args)
+                model, _, loss = build(data, loaders, device, training_flags(dataset, "dgs", args))
                 ratios = evaluation_ratios(model, loaders["test"], loss, device, dataset, args.eval_rounds)
                 evaluations.append({"dataset": dataset, "device": device_name,
                                     "ratio_median": statistics.median(ratios), "ratios": ratios})

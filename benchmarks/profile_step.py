@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import CONFIGS, PHASES, README_FLAGS, build, checked_device, load_data, sync, time_epoch  # noqa: E402
+from bench_train import PHASES, build, checked_device, load_data, sync, time_epoch, training_flags  # noqa: E402
 from dataloader.loaders import make_loaders  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
+from utils.training.config import METHODS  # noqa: E402
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 
@@ -49,7 +50,7 @@ def main() -> None:
     p.add_argument("--Dataset", default="MELD", choices=["IEMOCAP", "MELD"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-dir", default="data/bench")
-    p.add_argument("--config", default="dgs", choices=list(CONFIGS))
+    p.add_argument("--config", default="dgs", choices=list(METHODS))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num_L", type=int, default=1)
     p.add_argument("--num_K", type=int, default=1)
@@ -66,7 +67,7 @@ def main() -> None:
     data = load_data(args.Dataset, Path(args.data_dir) / args.Dataset)
     loaders = make_loaders(data, args.batch_size, seed=0, pin_memory=device.type == "cuda")
     batches = [b.to(device) for b in list(loaders["train"])[: args.steps]]
-    model, step, _ = build(data, device, CONFIGS[args.config], README_FLAGS[args.Dataset], args)
+    model, step, _ = build(data, loaders, device, training_flags(args.Dataset, args.config, args))
     model.train()
     for batch in batches:        # warm-up on the same batches: allocator, graph cache, CUDA graphs
         step(batch, modulation_on=True)

@@ -2,7 +2,7 @@
 
     conversations = load_conversations("IEMOCAP", data_dir)
     loaders = make_loaders(conversations, batch_size=8, valid_frac=0.1, seed=1475)
-    for batch in loaders["train"]: ...   # a Batch, sequence-first (SPEC §2)
+    for batch in loaders["train"]: ...   # a Batch, sequence-first
 
 The torch-based names (Batch, loaders) are imported on first use: importing torch takes
 seconds, and `python -m dataloader` / `python -m dataloader.synthetic` never need it.

@@ -8,7 +8,7 @@ import torch
 
 @dataclass
 class Batch:
-    """One batch of B dialogues padded to T utterances (SPEC §2).
+    """One batch of B dialogues padded to T utterances.
 
     text:    [4, T, B, 1024]  the four RoBERTa layers r1..r4, stacked
     audio:   [T, B, Da]
@@ -40,8 +40,3 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True)."""
         return self._map_tensors(lambda t: t.pin_memory())
-
-    @property
-    def valid_labels(self) -> torch.Tensor:
-        """Labels of the real utterances, dialogue after dialogue: [N]."""
-        return self.labels[self.umask.bool()]

@@ -1,4 +1,4 @@
-"""Read and validate the public IEMOCAP / MELD feature pickles (SPEC §2).
+"""Read and validate the public IEMOCAP / MELD feature pickles.
 
 Two pickles per dataset: a feature pickle (speakers, labels, audio, visual, split ids) and a
 RoBERTa pickle (four text layers). Everything is checked and converted to float32 numpy arrays
@@ -7,9 +7,11 @@ Labels and speakers come from the feature pickle, exactly as the reference M3Net
 """
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,9 @@ TEXT_LAYERS = 4
 TEXT_DIM = 1024
 VISUAL_DIM = 342
 SPLITS = ("train", "test")
+# Far above any real feature (RoBERTa activations, openSMILE descriptors in Hz or frames) yet
+# small enough that squares summed over the widest layer stay far below float32's maximum.
+MAX_FEATURE_MAGNITUDE = 1e6
 
 
 class DataError(Exception):
@@ -28,9 +33,51 @@ class DataError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class DataUnreadable(DataError):
+    """A data folder or file the OS refuses to read (permissions, I/O errors); `path` names it."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):  # pickled with its own arguments, not the message, to cross processes
+        return type(self), (self.path, self.reason)
+
+
+def _unreadable(path: Path, exc: OSError) -> DataUnreadable:
+    """The DataUnreadable of an OSError met looking at `path`: it names the innermost folder the OS
+    will not look into (the one a chmod denies), else `path` itself."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    chain = [*reversed(path.parents), path]
+    for folder, child in zip(chain, chain[1:]):
+        try:
+            os.stat(child)
+        except (FileNotFoundError, NotADirectoryError):
+            break
+        except OSError:
+            return DataUnreadable(folder, reason)
+    return DataUnreadable(path, reason)
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, where a folder that cannot be read is a DataError rather than an OSError."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, where a folder that cannot be read is a DataError rather than an OSError."""
+    try:
+        return path.is_dir()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What the public files of one dataset look like."""
+    """What the public files of one dataset look like, and how the paper trains and scores it."""
 
     name: str
     folder: str
@@ -41,6 +88,10 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     n_speakers: int
     audio_dim: int
+    loss: str                                   # the multimodal loss: "nll" (class-weighted) or "focal"
+    micro_f1_classes: tuple[int, ...] | None    # the classes micro-F1 covers (None: all)
+    # The defaults of run/train_OGM_Shapley_MMPareto_<name>.py: the DGS README's settings.
+    train_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:
@@ -59,7 +110,9 @@ DATASETS: dict[str, DatasetInfo] = {
         roberta_fields=("speakers", "labels", *_ROBERTA_LAYERS, "sentences",
                         "trainIds", "testIds", "validIds"),
         class_names=("hap", "sad", "neu", "ang", "exc", "fru"),
-        n_speakers=2, audio_dim=1582),
+        n_speakers=2, audio_dim=1582, loss="nll", micro_f1_classes=None,
+        train_defaults=dict(seed=1475, base_model="GRU", dropout=0.5, lr=1e-4, batch_size=8, epochs=80, norm="BN",
+                            num_L=1, num_K=1, use_modal=True, modulation_ends=80, alpha_=0.6, pareto_gamma=0.2)),
     "MELD": DatasetInfo(
         name="MELD", folder="MELD_features",
         feature_file="MELD_features_raw1.pkl", roberta_file="meld_features_roberta.pkl",
@@ -68,7 +121,10 @@ DATASETS: dict[str, DatasetInfo] = {
         roberta_fields=("speakers", "emotion_labels", "sentiment_labels", *_ROBERTA_LAYERS,
                         "sentences", "trainIds", "testIds", "validIds"),
         class_names=("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"),
-        n_speakers=9, audio_dim=300),
+        # MELD papers report micro-F1 over the emotions other than neutral.
+        n_speakers=9, audio_dim=300, loss="focal", micro_f1_classes=(1, 2, 3, 4, 5, 6),
+        train_defaults=dict(seed=67137, base_model="GRU", dropout=0.4, lr=1e-5, batch_size=8, epochs=50, norm="BN",
+                            num_L=1, num_K=1, use_modal=False, modulation_ends=50, alpha_=0.6, pareto_gamma=1.0)),
 }
 
 # IEMOCAP speaker letters -> index; the reference builds qmask as [1,0] for 'M', [0,1] for 'F'.
@@ -151,7 +207,7 @@ def data_files(dataset: str, data_dir: str | Path) -> tuple[Path, Path]:
     data_dir = Path(data_dir)
     folder = data_dir if data_dir.name == info.folder else data_dir / info.folder
     paths = (folder / info.feature_file, folder / info.roberta_file)
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not _is_file(p)]
     if missing:
         # The generator's command only where it cannot meet a real file of the pair.
         hint = (f"to generate synthetic ones run: python -m dataloader.synthetic --Dataset {info.name} --out {data_dir}"
@@ -173,7 +229,7 @@ def find_data_dir(dataset: str, data_dir: str | Path | None = None) -> Path:
         return Path(data_dir)
     folder = dataset_info(dataset).folder
     for candidate in (Path.cwd(), REPO_DATA):
-        if (candidate / folder).is_dir():
+        if _is_dir(candidate / folder):
             return candidate
     raise DataError(f"no {folder}/ in the current directory or in {REPO_DATA}: pass --data-dir, or make "
                     f"synthetic features with: python -m dataloader.synthetic --Dataset {dataset} --out {REPO_DATA}")
@@ -205,6 +261,8 @@ def _read_tuple(path: Path, fields: tuple[str, ...]) -> dict[str, object]:
     try:
         with open(path, "rb") as f:
             value = pickle.load(f, encoding="latin1")
+    except OSError as exc:  # the file (or its folder) is unreadable, not malformed
+        raise _unreadable(path, exc) from None
     except Exception as exc:  # any unpickling failure is a bad file, whatever its type
         raise DataError(f"{path}: cannot read the pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(value, (tuple, list)) or len(value) != len(fields):
@@ -301,10 +359,13 @@ def _speakers(info: DatasetInfo, vid: object, value: object, n: int, path: Path)
 
 
 def _matrix(value: object, name: str, vid: object, n: int, dim: int, path: Path) -> np.ndarray:
-    """A [n, dim] finite float32 array from an array or a list of per-utterance vectors."""
+    """A [n, dim] float32 array, finite and within MAX_FEATURE_MAGNITUDE, from an array or a list
+    of per-utterance vectors."""
     where = f"{path}: dialogue {vid!r}: {name}"
     try:
-        array = np.asarray(value, dtype=np.float32)
+        # Values beyond float32 become Inf here and are reported below with their real value.
+        with np.errstate(over="ignore"):
+            array = np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError) as exc:
         raise DataError(f"{where} is not a list of equal-length vectors ({exc})") from None
     if array.ndim != 2:
@@ -316,5 +377,24 @@ def _matrix(value: object, name: str, vid: object, n: int, dim: int, path: Path)
     finite = np.isfinite(array)
     if not finite.all():
         row = int(np.flatnonzero(~finite.all(axis=1))[0])
-        raise DataError(f"{where} has NaN/Inf values (utterance {row})")
+        original = _row_as_float64(value, row)
+        if original is None or not np.isfinite(original).all():
+            raise DataError(f"{where} has NaN/Inf values (utterance {row})")
+    big = np.abs(array) > MAX_FEATURE_MAGNITUDE     # the Inf of a value beyond float32 counts too
+    if big.any():
+        row, column = (int(i[0]) for i in np.nonzero(big))
+        shown = float(array[row, column])
+        if not np.isfinite(shown):
+            shown = float(_row_as_float64(value, row)[column])
+        # A flipped exponent bit keeps a value finite but makes float32 training overflow.
+        raise DataError(f"{where}: value {shown:g} at utterance {row}, dimension {column}, is beyond "
+                        f"{MAX_FEATURE_MAGNITUDE:g}, the bound on feature magnitudes (a corrupted file?)")
     return array
+
+
+def _row_as_float64(value: object, row: int) -> np.ndarray | None:
+    """Utterance `row` of a feature matrix as the file holds it, before the float32 cast."""
+    try:
+        return np.asarray(value[row], dtype=np.float64)  # type: ignore[index]
+    except Exception:  # an odd container: report it as NaN/Inf, as it reads in float32
+        return None

@@ -34,7 +34,10 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import math
+import os
 import pickle
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -42,16 +45,22 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import OneLineParser
-from utils.runlog import atomic_path
+from utils.errors import OneLineParser, UserError
+from utils.files import atomic_path
 
-from .datasets import DATASETS, TEXT_DIM, VISUAL_DIM, DataError, DatasetInfo, find_data_dir, load_conversations
+from .datasets import (DATASETS, TEXT_DIM, VISUAL_DIM, DataError, DataUnreadable, DatasetInfo, find_data_dir,
+                       load_conversations)
 
 PICKLE_PROTOCOL = 4
 LATENT_DIM = 12      # signal subspace of each modality
 NUISANCE_DIM = 16    # label-free structure (content, speaker identity)
 UTTERANCE_NUISANCE = 2.0
 SPEAKER_NUISANCE = 0.5
+# Pickle bytes per utterance beyond its float32 features: ids, sentences, labels, per-row array headers.
+UTTERANCE_OVERHEAD = 300
+# Generation holds every feature matrix, their per-row views and a temporary at once: a bound on
+# its memory as a multiple of the bytes written.
+MEMORY_PER_BYTE_WRITTEN = 2
 
 
 @dataclass(frozen=True)
@@ -126,8 +135,9 @@ def generate(dataset: str, out_dir: str | Path, scale: float = 1.0, seed: int = 
     """
     if dataset not in RECIPES:
         raise DataError(f"unknown dataset {dataset!r}: expected one of {', '.join(RECIPES)}")
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    if not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    check_size(dataset, out_dir, scale)
     info, recipe = DATASETS[dataset], RECIPES[dataset]
     rng = np.random.default_rng(seed)
     layout = _layout(info, recipe, scale, rng)
@@ -149,6 +159,116 @@ def generate(dataset: str, out_dir: str | Path, scale: float = 1.0, seed: int = 
             raise DataError(f"{' and '.join(map(str, kept))} already there with other contents (real features?); "
                             f"nothing written: pass --overwrite to replace them, or give another --out")
     return folder
+
+
+# ---------------------------------------------------------------- size
+
+def utterances(dataset: str, scale: float) -> float:
+    """Utterances the generator makes at `scale` (the totals _layout gives its dialogues); inf
+    where the count overflows a float."""
+    recipe = RECIPES[dataset]
+    total = 0.0
+    for real_dialogues, real_utterances, least in ((recipe.n_train, recipe.utt_train, 2),
+                                                   (recipe.n_test, recipe.utt_test, 1)):
+        count = real_dialogues * scale
+        if not math.isfinite(count):
+            return math.inf
+        count = max(least, round(count))
+        total += min(max(round(real_utterances / real_dialogues * count), recipe.min_len * count),
+                     recipe.max_len * count)
+    return total
+
+
+def estimated_bytes(dataset: str, scale: float) -> float:
+    """About the bytes of both pickles at `scale`: the float32 features of each utterance plus overhead."""
+    info, recipe = DATASETS[dataset], RECIPES[dataset]
+    per_utterance = 4 * (4 * TEXT_DIM + info.audio_dim + VISUAL_DIM + recipe.glove_dim) + UTTERANCE_OVERHEAD
+    return utterances(dataset, scale) * per_utterance
+
+
+def check_size(dataset: str, out_dir: str | Path, scale: float) -> None:
+    """UserError, before anything is generated, when the pickles of `scale` would not fit the free
+    space of out_dir's file system or their generation would not fit the memory available."""
+    written = estimated_bytes(dataset, scale)
+    limits = []                      # (bytes needed per byte written, bytes there, what they are)
+    where, free = _free_disk(Path(out_dir))
+    if free is not None:
+        limits.append((1, free, f"free on {where}"))
+    available = _available_memory()
+    if available is not None:
+        limits.append((MEMORY_PER_BYTE_WRITTEN, available, "of memory available"))
+    over = [limit for limit in limits if written * limit[0] > limit[1]]
+    if not over:
+        return
+    factor, have, what = min(over, key=lambda limit: limit[1] / limit[0])
+    # Sizes grow in proportion to the scale, so the tightest limit tells the largest scale that fits.
+    fits = _round_down(have / (factor * estimated_bytes(dataset, 1.0)))
+    # Dialogue counts are rounded, and never below 2 + 1: step down until the scale named does fit.
+    for _ in range(100):
+        if estimated_bytes(dataset, fits) * factor <= have:
+            break
+        fits = _round_down(fits * 0.99)
+    else:
+        fits = 0.0
+    largest = f"the largest --scale that fits is about {fits:g}" if fits > 0 else "no --scale fits"
+    memory = f" and {_human(written * factor)} of memory to generate" if factor != 1 else ""
+    raise UserError(f"--scale {scale:g}: the {dataset} pickles would take {_human(written)}{memory}, more than the "
+                    f"{_human(have).removeprefix('about ')} {what}; {largest}")
+
+
+def _free_disk(out_dir: Path) -> tuple[Path, int | None]:
+    """Free bytes of the file system out_dir would be made on (its nearest existing folder); None when unknown."""
+    where = out_dir.absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        return where, shutil.disk_usage(where).free
+    except OSError:                # the write itself then reports what is wrong with --out
+        return where, None
+
+
+def _available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes of memory this process can still take: MemAvailable, or less where its cgroup's limit
+    is tighter; None when unknown."""
+    amounts = []
+    try:
+        with open(meminfo) as f:
+            amounts += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        try:
+            amounts.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((cgroup / "memory.current").read_text())
+            # Page cache counts in memory.current but is given back under pressure.
+            cache = next((int(line.split()[1]) for line in (cgroup / "memory.stat").read_text().splitlines()
+                          if line.startswith("file ")), 0)
+            amounts.append(int(limit) - used + cache)
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(amounts) if amounts else None
+
+
+def _round_down(value: float) -> float:
+    """value rounded down to two significant digits (so that the scale named does fit)."""
+    if not value > 0:
+        return 0.0
+    step = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return math.floor(value / step) * step
+
+
+def _human(n: float) -> str:
+    """'about 184 MB'; beyond what a float counts, 'over 1e+308 B'."""
+    if not math.isfinite(n):
+        return "over 1e+308 B"
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000:
+            return f"about {n:.3g} {unit}"
+        n /= 1000
+    return f"about {n:.3g} EB"
 
 
 # ---------------------------------------------------------------- dialogue structure
@@ -423,15 +543,9 @@ def main(argv: list[str] | None = None) -> int:
                                            "training finds it, the current folder, else the repository's data/)")
     parser.add_argument("--json", action="store_true", help="with --probe: print one JSON object")
     args = parser.parse_args(argv)
+    if args.probe:
+        return _probe_main(args)
     try:
-        if args.probe:
-            scores = probe(args.Dataset, find_data_dir(args.Dataset, args.data_dir))
-            if args.json:
-                print(json.dumps({"dataset": args.Dataset, "weighted_f1": scores}))
-            else:
-                for name, value in scores.items():
-                    print(f"{args.Dataset} {name:<7} test weighted F1 {value:.4f}")
-            return 0
         if not args.out:
             parser.error("--out is required (or use --probe [--data-dir DIR])")
         if not 0 < args.scale < float("inf"):
@@ -442,12 +556,35 @@ def main(argv: list[str] | None = None) -> int:
         folder = generate(args.Dataset, args.out, scale=args.scale, seed=args.seed, overwrite=args.overwrite)
         print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
         return 0
-    except DataError as exc:
+    except (DataError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:          # --out not a folder, not writable, a full disk
         print(f"error: --out {args.out}: cannot write {exc.filename or args.out} ({exc.strerror})", file=sys.stderr)
         return 2
+
+
+def _probe_main(args: argparse.Namespace) -> int:
+    """--probe: it only reads, so a failure names --data-dir (when given) and what cannot be read."""
+    flag = f"--data-dir {args.data_dir}: " if args.data_dir else ""
+    try:
+        scores = probe(args.Dataset, find_data_dir(args.Dataset, args.data_dir))
+    except DataUnreadable as exc:
+        print(f"error: {flag}{exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {flag}cannot read {exc.filename or args.data_dir or 'the data'}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"dataset": args.Dataset, "weighted_f1": scores}))
+    else:
+        for name, value in scores.items():
+            print(f"{args.Dataset} {name:<7} test weighted F1 {value:.4f}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from typing import Any, BinaryIO
 import torch
 
 from model.m3net import M3Net
-from utils.errors import UserError
-from utils.runlog import atomic_path
+from utils.errors import UserError, first_line
+from utils.files import atomic_path
 
 # Keys the M3Net checkpoint carries for modules its forward never reads.
 IGNORED_KEY = re.compile(
@@ -40,7 +40,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, a pickle of arbitrary objects
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"checkpoint {path}: cannot be read ({first})") from None
     if isinstance(payload, dict) and "model" in payload and isinstance(payload["model"], dict):
         return payload
@@ -60,7 +60,7 @@ def _check_zip_records(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except Exception as e:  # a truncated archive, a damaged directory or record header
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"checkpoint {path}: cannot be read ({first})") from None
     if damaged is not None:
         raise CheckpointError(f"checkpoint {path}: damaged (the bytes of its record {damaged} do not match their "
@@ -78,14 +78,17 @@ def _looks_like_torch_file(path: Path) -> bool:
 def _flags_of_state(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """What a state_dict says about the flags it was trained with (only what its keys reveal)."""
     keys = " ".join(state)
-    flags = {
-        "--num_L": str(len(set(re.findall(r"graph_model\.hyperconv(\d+)\.bias", keys)))),
-        "--num_K": str(len(set(re.findall(r"graph_model\.conv(\d+)\.gate\.weight", keys)))),
-    }
+    flags = {}
+    # Absent keys tell a count only where the module holding them is there: a partial state_dict
+    # (a classifier alone) says nothing about the graph's layers.
+    if "graph_model." in keys:
+        flags["--num_L"] = str(len(set(re.findall(r"graph_model\.hyperconv(\d+)\.bias", keys))))
+        flags["--num_K"] = str(len(set(re.findall(r"graph_model\.conv(\d+)\.gate\.weight", keys))))
     for prefix, base in (("gru", "GRU"), ("lstm", "LSTM"), ("trans", "Transformer")):
         if f"{prefix}_l." in keys:
             flags["--base-model"] = base
-    flags["--av_using_lstm"] = "on" if re.search(r"(gru|lstm)_[av]\.", keys) else "off"
+    if re.search(r"linear_[av]\.", keys):
+        flags["--av_using_lstm"] = "on" if re.search(r"(gru|lstm)_[av]\.", keys) else "off"
     if "smax_fc.weight" in state:
         flags["classes (--Dataset)"] = str(state["smax_fc.weight"].shape[0])
     if "graph_model.speaker_embeddings.weight" in state:
@@ -99,6 +102,8 @@ def _hint(state: dict[str, torch.Tensor], model: M3Net) -> str:
     differ = [f"{k} {theirs[k]}" for k in theirs if k in ours and theirs[k] != ours[k]]
     if differ:
         return "the checkpoint needs " + ", ".join(differ)
+    if not any(k.startswith("graph_model.") for k in state):
+        return "it has no graph_model weights: a part of an M3Net state_dict, not a whole one"
     return "check --modals, --use_residue and --Dataset"
 
 
@@ -111,7 +116,16 @@ def load_model_state(model: M3Net, state: dict[str, torch.Tensor]) -> list[str]:
     if not state:
         raise CheckpointError("checkpoint holds no weights (its state_dict is empty): it is not a trained model")
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if not IGNORED_KEY.match(k)}
+    read = {k: v for k, v in state.items() if not IGNORED_KEY.match(k)}
+    if not read:
+        raise CheckpointError(f"checkpoint holds no weights M3Net reads: only keys its forward never reads "
+                              f"({', '.join(list(state)[:3])}{' ...' if len(state) > 3 else ''}): it is not a "
+                              f"trained model")
+    odd = next((k for k, v in read.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise CheckpointError(f"checkpoint is not a state_dict: its entry {odd!r} is not a tensor "
+                              f"({type(read[odd]).__name__})")
+    state = read
     if not set(state) & set(own):
         raise CheckpointError(f"checkpoint does not fit the model: none of its keys ({', '.join(list(state)[:3])}"
                               f"{' ...' if len(state) > 3 else ''}) is one of M3Net's: it is not a checkpoint of "

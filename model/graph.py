@@ -1,4 +1,4 @@
-"""The conversation graph of M3Net and its two operators, in plain torch (SPEC §3 steps 4-6).
+"""The conversation graph of M3Net and its two operators, in plain torch.
 
 Layout. Node features are a list of the real utterances' nodes, `x[..., N, M, H]`: utterance n
 (dialogue after dialogue, `DialogueGraph.gather_utterances`' order), modality m (present
@@ -90,23 +90,6 @@ class DialogueGraph:
         block = x.new_zeros(*lead, batch * self.n_modalities * steps, d)
         block.index_copy_(-2, self.utterance_nodes, x.reshape(*lead, -1, d))
         return block.view(*lead, batch, self.n_modalities, steps, d)
-
-    def incidence(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Explicit (node, hyperedge) incidence list in the reference's order.
-
-        Per dialogue: the modality hyperedges' members (modality after modality), then each
-        utterance hyperedge's members. Not used by the operators (they work on the node list); it
-        documents the structure and lets tests compare against a scatter implementation.
-        """
-        nodes, edges = [], []
-        for b, n in enumerate(self.lengths):
-            ids = self.node_ids[b, :, :n].cpu()
-            for m in range(self.n_modalities):
-                nodes.append(ids[m])
-                edges.append(self.modality_edge_ids[b, m].cpu().expand(n))
-            nodes.append(ids.t().reshape(-1))
-            edges.append(self.utterance_edge_ids[b, :n].cpu().repeat_interleave(self.n_modalities))
-        return torch.cat(nodes), torch.cat(edges)
 
 
 def check_capacity(lengths: tuple[int, ...], n_modalities: int, what: str = "a batch") -> None:

@@ -1,6 +1,6 @@
 """M3Net (CVPR 2023) with unimodal heads for DGS; parameter names match the public checkpoint.
 
-Forward, per batch (SPEC §3):
+Forward, per batch (README: "What a training step does", step 1):
   encode:  text layers -> norm -> mean of 4 -> linear_l (unless --no-text_linear) -> context RNN/Transformer;
            audio/visual -> linear (-> RNN)                       => z_m  [T, B, 1024]
   nodes:   real utterances' z_m, + speaker embedding (text), + modal embedding
@@ -162,11 +162,14 @@ class GraphModel(nn.Module):
 
 
 class M3Net(nn.Module):
+    """M3Net's encoders, conversation graph and classifier, plus the unimodal heads head_m(z_m)
+    that DGS trains beside it; the coalition pass of the Shapley valuation reuses the encodings."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         # On the GPU, train from CUDA graphs (--no-cuda-graphs): the context RNNs here, and the
-        # DGS step's gradient shaping (utils/shaping_graph.py).
+        # DGS step's gradient shaping (utils/dgs/shaping_graph.py).
         self.cuda_graphs = True
         # Module-name prefix of the text RNN (None: Transformer). --av_using_lstm: audio/visual
         # RNNs of the base model's kind; an LSTM beside a Transformer.
@@ -315,6 +318,8 @@ class M3Net(nn.Module):
         return build_graph(tuple(batch.lengths.tolist()), len(self.cfg.modalities), batch.umask.device)
 
     def forward(self, batch: Batch) -> ModelOutput:
+        """The multimodal log-probabilities of the batch's utterances [N, C], with the encodings
+        z_m and the unimodal logits that the DGS step needs."""
         graph = self.graph_for(batch)
         with record_function("m3net.encoders"):
             encoded = self.encode(batch, graph)

@@ -15,7 +15,7 @@ gates ordered (r, z, n) as in `nn.GRU`:
     h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}
 
 Two backward passes in one. A DGS step differentiates the encoders twice, for L_mm and for ΣL_m
-(utils/dgs.py). On the CPU the backward recurrence is bound by reading W_hh (6 MB at M3Net's
+(utils/dgs/step.py). On the CPU the backward recurrence is bound by reading W_hh (6 MB at M3Net's
 sizes) for a product with only B rows at every step, so a second cotangent, carried as more rows
 of the same products, costs far less than a second pass. `expect_cotangent(output, c)` tells the
 GRU that computed `output` the cotangent c of a later backward pass: the next backward pass

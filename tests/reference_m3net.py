@@ -1,4 +1,4 @@
-"""A deliberately naive re-implementation of SPEC §3 steps 3-7, for tests only.
+"""A deliberately naive re-implementation of M3Net's forward from its node features on, for tests only.
 
 It follows the reference M3Net layout literally: the valid nodes of each dialogue are
 flattened as ``[l_1..l_n, a_1..a_n, v_1..v_n]`` (present modalities only, in the order l, a, v),
@@ -131,7 +131,7 @@ def graph_model(gm, nodes: torch.Tensor, lengths, coalition=None) -> torch.Tenso
     """GraphModel forward: nodes [B, M, T, D] -> per-utterance features [N, M*F].
 
     `coalition`: per modality (node order) True/False; absent modalities' nodes are zeroed
-    before fc1 (SPEC §3 step 3).
+    before fc1.
     """
     cfg = gm.cfg
     n_mod = nodes.shape[1]

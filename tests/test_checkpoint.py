@@ -1,4 +1,4 @@
-"""Checkpoint compatibility with M3Net (SPEC §3) and checkpoint I/O (SPEC §5)."""
+"""Checkpoint compatibility with M3Net and checkpoint I/O."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,7 @@ from utils.errors import UserError
 IEMOCAP = dict(n_classes=6, n_speakers=2, audio_dim=1582, visual_dim=342)
 MELD = dict(n_classes=7, n_speakers=9, audio_dim=300, visual_dim=342)
 
-# Keys of the public M3Net checkpoint that its forward never reads (SPEC §3).
+# Keys of the public M3Net checkpoint that its forward never reads.
 IGNORED = {
     "graph_model.hyperconv1.weight": (1024, 512),
     "graph_model.hyperconv1.edgeweight": (512, 1),

@@ -13,12 +13,12 @@ from dataloader.loaders import make_loaders
 from model.cuda_graphs import _GRAPHS, can_graph, context_rnn, graphed_rnn
 from model.graph import build_graph
 from model.m3net import M3Net, ModelConfig
-from utils import main as entry
-from utils.dgs import DGSSettings, DGSStep
-from utils.modulation import modulate
-from utils.segments import scale_segments_, segment_stds
-from utils.shaping import shape_group, shape_groups
-from utils.shaping_graph import ShapingGraphs
+from utils.training import main as entry
+from utils.dgs.step import DGSSettings, DGSStep
+from utils.dgs.ogm import modulate
+from utils.dgs.segments import scale_segments_, segment_stds
+from utils.dgs.shaping import shape_group, shape_groups
+from utils.dgs.shaping_graph import ShapingGraphs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -43,7 +43,7 @@ def _model_and_batch(data_dir, dataset: str, dropout: float = 0.5):
 
 
 def test_graphed_shaping_draws_what_the_eager_shaping_draws():
-    """utils/shaping_graph.py against the eager flat shaping, OGM-GE's noise included: the same
+    """utils/dgs/shaping_graph.py against the eager flat shaping, OGM-GE's noise included: the same
     seed gives the same numbers, on the capturing call and on a replay."""
     torch.manual_seed(0)
     sizes = [[300000, 1, 4000], [5000, 7]]
@@ -74,7 +74,7 @@ def test_graph_structure_is_built_on_the_device():
 
 
 def test_per_tensor_operations_on_cuda_match_the_cpu():
-    # The GPU's whole-vector scaling (utils/segments.py) against the CPU's per-tensor one.
+    # The GPU's whole-vector scaling (utils/dgs/segments.py) against the CPU's per-tensor one.
     torch.manual_seed(0)
     sizes = [5000, 1, 3, 120000]
     flat = torch.randn(sum(sizes)) * 2 + 7
@@ -90,7 +90,7 @@ def test_per_tensor_operations_on_cuda_match_the_cpu():
 
 
 def test_group_shaping_on_cuda_matches_the_cpu():
-    # shape_group is flat on the GPU and per tensor on the CPU (utils/shaping.py): no noise here.
+    # shape_group is flat on the GPU and per tensor on the CPU (utils/dgs/shaping.py): no noise here.
     torch.manual_seed(0)
     sizes = [300000, 1, 4000]
     g_mm = [torch.randn(n) for n in sizes]

@@ -146,7 +146,7 @@ def test_collate_pads_with_zeros(iemocap_dir):
         for tensor in (batch.text[:, n:, b], batch.audio[n:, b], batch.visual[n:, b],
                        batch.qmask[n:, b]):
             assert not tensor.any()
-    assert batch.valid_labels.tolist() == np.concatenate([r.labels for r in records]).tolist()
+    assert batch.labels[batch.umask.bool()].tolist() == np.concatenate([r.labels for r in records]).tolist()
 
 
 def test_meld_qmask_has_nine_slots_and_single_utterance_dialogue_collates(meld_dir):

@@ -4,16 +4,16 @@ import math
 import pytest
 import torch
 
-from utils.losses import FocalLoss, inverse_prior_weights
-import utils.noise as noise_module
-from utils.modulation import modulate, ogm_coefficients
-from utils.noise import CHUNK, standard_normal_like
-from utils.pareto import cosine, min_norm_weight, pareto_combine
-from utils.segments import _scale_segments_batched_, scale_segments_, segment_norms, segment_stds
-from utils import shaping_graph
-from utils.shaping import shape_group_flat, shape_group_per_tensor, shape_groups
-from utils.shaping_graph import ShapingGraphs
-from utils.shapley import coalition_masks, shapley_matrix, shapley_values, true_label_probs
+import utils.dgs.noise as noise_module
+from utils.dgs.ogm import modulate, ogm_coefficients
+from utils.dgs.noise import CHUNK, standard_normal_like
+from utils.dgs.pareto import _cosine, _min_norm_weight, pareto_combine
+from utils.dgs.segments import _scale_segments_batched_, scale_segments_, segment_norms, segment_stds
+from utils.dgs import shaping_graph
+from utils.dgs.shaping import shape_group_flat, shape_group_per_tensor, shape_groups
+from utils.dgs.shaping_graph import ShapingGraphs
+from utils.dgs.shapley import coalition_masks, shapley_matrix, shapley_values, true_label_probs
+from utils.training.losses import FocalLoss, inverse_prior_weights
 
 try:
     from tests.reference_shaping import shaping_reference
@@ -23,6 +23,15 @@ except ImportError:  # tests/ on sys.path instead of the repo root
     from tolerance import FUNCTION_ROUNDINGS, U32, U64, assert_within, float32, rounded, summation_gamma
 
 CPU = torch.device("cpu")
+
+
+def min_norm_weight(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """MMPareto's k1 of two flat vectors, through the library's dot-product form."""
+    return _min_norm_weight(g1 @ g1, g2 @ g2, g1 @ g2)
+
+
+def cosine(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    return _cosine(g1 @ g1, g2 @ g2, g1 @ g2)
 
 
 # ------------------------------------------------------------------ Shapley
@@ -197,7 +206,7 @@ def test_modulate_scales_and_adds_noise_with_pre_scaling_std():
 
 
 def test_modulate_noise_on_groups_larger_than_a_noise_chunk():
-    # Chunks of the CPU noise cross the tensor boundaries here (utils/noise.py)
+    # Chunks of the CPU noise cross the tensor boundaries here (utils/dgs/noise.py)
     torch.manual_seed(1)
     sizes = [3 * CHUNK + 17, CHUNK // 3, 5000]
     g = torch.cat([torch.randn(n) * s for n, s in zip(sizes, (2.0, 0.05, 1e-3))])

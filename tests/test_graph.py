@@ -1,4 +1,4 @@
-"""The conversation graph (SPEC §3 steps 4-7): hand-computed cases and a naive reference."""
+"""The conversation graph: hand-computed cases and a naive reference."""
 from __future__ import annotations
 
 import math
@@ -20,6 +20,25 @@ except ImportError:  # tests/ on sys.path instead of the repo root
 
 assert_close = ref.assert_close
 CPU = torch.device("cpu")
+
+
+def incidence(graph) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit (node, hyperedge) incidence list in the reference's order.
+
+    Per dialogue: the modality hyperedges' members (modality after modality), then each
+    utterance hyperedge's members. The operators work on the node list; this
+    lets the tests compare them against a scatter implementation.
+    """
+    nodes, edges = [], []
+    for b, n in enumerate(graph.lengths):
+        ids = graph.node_ids[b, :, :n].cpu()
+        for m in range(graph.n_modalities):
+            nodes.append(ids[m])
+            edges.append(graph.modality_edge_ids[b, m].cpu().expand(n))
+        nodes.append(ids.t().reshape(-1))
+        edges.append(graph.utterance_edge_ids[b, :n].cpu().repeat_interleave(graph.n_modalities))
+    return torch.cat(nodes), torch.cat(edges)
+
 
 
 def leaky(z: float) -> float:
@@ -69,7 +88,7 @@ def hand_weights(dtype=torch.float64):
 
 def test_incidence_list_by_hand():
     graph = build_graph((2, 1), 3, CPU)
-    nodes, edges = graph.incidence()
+    nodes, edges = incidence(graph)
     assert nodes.tolist() == HAND_NODES
     assert edges.tolist() == HAND_EDGES
     assert graph.n_nodes == 9 and graph.n_hyperedges == 9
@@ -95,7 +114,7 @@ def test_incidence_list_subset_of_modalities_by_hand():
     # modals 'al' -> nodes per dialogue [l.., a..]; lengths (1, 2)
     # d0: l1=0 a1=1; e0={0} e1={1} e2={0,1}; d1: l1=2 l2=3 a1=4 a2=5; e3={2,3} e4={4,5} e5={2,4} e6={3,5}
     graph = build_graph((1, 2), 2, CPU)
-    nodes, edges = graph.incidence()
+    nodes, edges = incidence(graph)
     assert nodes.tolist() == [0, 1, 0, 1, 2, 3, 4, 5, 2, 4, 3, 5]
     assert edges.tolist() == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
     assert ref.incidence([1, 2], 2) == (nodes.tolist(), edges.tolist())

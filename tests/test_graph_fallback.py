@@ -1,6 +1,6 @@
 """CUDA graphs that fail fall back to eager, on the CPU: a capture that raises, a first replay whose
 numbers are off, for the context RNN (model/cuda_graphs.py) and the gradient shaping
-(utils/shaping_graph.py). The captures and replays are stand-ins; the decisions are the real ones."""
+(utils/dgs/shaping_graph.py). The captures and replays are stand-ins; the decisions are the real ones."""
 from __future__ import annotations
 
 import math
@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from model import cuda_graphs
-from model.cuda_graphs import (UNIT_ROUNDOFF, capturing, graphed_or_eager, layered_rnn, rounding_error_bound,
-                               take_fallback_notices)
+from model.cuda_graphs import graphed_or_eager, layered_rnn, take_fallback_notices
 from model.m3net import M3Net, ModelConfig
-from utils import shaping_graph
-from utils.dgs import DGSSettings, DGSStep
-from utils.shaping import shape_groups
-from utils.shaping_graph import ShapingGraphs
+from utils.cuda_capture import UNIT_ROUNDOFF, capturing, rounding_error_bound
+from utils.dgs import shaping_graph
+from utils.dgs.step import DGSSettings, DGSStep
+from utils.dgs.shaping import shape_groups
+from utils.dgs.shaping_graph import ShapingGraphs
 
 U = UNIT_ROUNDOFF
 SIZES = [[30, 1, 20], [40, 7]]          # two encoder groups of a few tensors each

@@ -10,9 +10,9 @@ from sklearn.metrics import f1_score
 from dataloader.datasets import load_conversations
 from dataloader.loaders import make_loaders
 from model import M3Net, ModelConfig
-from utils import main as entry
-from utils.metrics import modality_diagnostics
-from utils.trainer import evaluate
+from utils.training import main as entry
+from utils.training.metrics import modality_diagnostics
+from utils.training.trainer import evaluate
 
 DEFAULTS = {"IEMOCAP": dict(seed=1475, use_modal=True, pareto_gamma=0.2, epochs=2),
             "MELD": dict(seed=67137, pareto_gamma=1.0, epochs=2)}

@@ -5,9 +5,9 @@ import torch
 from dataloader.datasets import load_conversations
 from dataloader.loaders import make_loaders
 from model import M3Net, ModelConfig
-from utils import main as entry
-from utils.dgs import DGSSettings, DGSStep, utterance_labels
-from utils.losses import unimodal_losses
+from utils.training import main as entry
+from utils.dgs.step import DGSSettings, DGSStep, utterance_labels
+from utils.dgs.step import unimodal_losses
 
 
 def test_encoders_get_the_multimodal_gradient_alone_and_heads_the_unimodal_one(meld_dir):

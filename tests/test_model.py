@@ -1,4 +1,4 @@
-"""M3Net forward (SPEC §3): shapes, embeddings, coalitions, padding, text norms, every encoder."""
+"""M3Net forward (README: "What a training step does", step 1): shapes, embeddings, coalitions, padding, text norms, every encoder."""
 from __future__ import annotations
 
 import copy
@@ -113,7 +113,7 @@ def test_unimodal_logits_are_heads_of_valid_encoder_outputs():
             # Both a linear map of the same rows: each a sum of 1025 terms, within γ of Σ|terms|.
             bound = 2 * summation_gamma(head.in_features + 1) * (rows.abs() @ head.weight.abs().t() + head.bias.abs())
             assert_within(out.unimodal_logits[m], head(rows), bound)
-    assert batch.valid_labels.tolist() == [batch.labels[b, t].item()
+    assert batch.labels[batch.umask.bool()].tolist() == [batch.labels[b, t].item()
                                            for b, n in enumerate((2, 3, 1)) for t in range(n)]
 
 
@@ -417,7 +417,7 @@ def test_every_base_model_and_norm_runs_forward_and_backward(base_model, norm):
     lengths = (3, 1)
     batch = make_batch(lengths, seed=9)
     out = model(batch)
-    labels = batch.valid_labels
+    labels = batch.labels[batch.umask.bool()]
     assert out.log_probs.shape == (4, C) and torch.isfinite(out.log_probs).all()
     loss = F.nll_loss(out.log_probs, labels) + sum(F.cross_entropy(z, labels) for z in out.unimodal_logits.values())
     loss.backward()

@@ -16,9 +16,10 @@ import torch
 
 from model import checkpoint
 from model.checkpoint import CheckpointError, read_checkpoint
-from utils import main as entry
-from utils import runlog
-from utils.runlog import RunLog, write_json
+from utils.training import main as entry
+from utils import files
+from utils.files import write_json
+from utils.training.runlog import RunLog
 
 REPO = Path(__file__).resolve().parents[1]
 MELD_DEFAULTS = dict(seed=67137, pareto_gamma=1.0)
@@ -85,7 +86,7 @@ def test_a_temp_file_left_linked_to_best_pt_is_not_written_through(capsys, tmp_p
 
 KILL_BETWEEN_THE_RENAMES = """
 import os, signal, sys
-from utils import main as entry, trainer
+from utils.training import main as entry, trainer
 real_save, real_replace = trainer.save_atomic, os.replace
 
 def save_atomic(obj, path, also=None):
@@ -272,7 +273,7 @@ def test_a_full_disk_while_appending_metrics_is_one_line(capsys, tmp_path, meld_
     # On a 4 KB tmpfs, train.log's first lines take its one page: the first metrics line finds no room.
     disk = small_disk("4k")
     if disk is None:                          # no mount: half the line is written, then the disk is full
-        real_write_all = runlog._write_all
+        real_write_all = files._write_all
 
         def full(fd, data):
             if not _writes_to(fd, "metrics.jsonl"):
@@ -280,7 +281,7 @@ def test_a_full_disk_while_appending_metrics_is_one_line(capsys, tmp_path, meld_
             os.write(fd, data[:len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(runlog, "_write_all", full)
+        monkeypatch.setattr(files, "_write_all", full)
         disk = tmp_path
     log = disk / "run"
     status, _, err = run_main(capsys, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, "--epochs", "2"])
@@ -306,7 +307,7 @@ def test_a_full_disk_while_writing_the_checkpoint_is_one_line(capsys, tmp_path, 
 
 
 def test_a_summary_that_could_not_be_written_is_written_by_resume(capsys, tmp_path, meld_dir, monkeypatch):
-    real_write_new = runlog._write_new
+    real_write_new = files.write_new
 
     def full(path, data):
         if path.name == ".summary.json.tmp":
@@ -316,7 +317,7 @@ def test_a_summary_that_could_not_be_written_is_written_by_resume(capsys, tmp_pa
     log = tmp_path / "run"
     argv = ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, "--epochs", "2"]
     with monkeypatch.context() as patch:
-        patch.setattr(runlog, "_write_new", full)
+        patch.setattr(files, "write_new", full)
         status, _, err = run_main(capsys, argv)
     assert (status, err) == (2, f"error: cannot write {log / 'summary.json'} (No space left on device); the run's "
                                 f"epochs are kept: once it can be written, --resume --log-dir {log} writes it without "
@@ -336,7 +337,7 @@ def test_a_summary_that_could_not_be_written_is_written_by_resume(capsys, tmp_pa
 SIGNAL_DURING_THE_CHECKPOINT = """
 import os, signal, sys
 from model import checkpoint
-from utils import main as entry
+from utils.training import main as entry
 real_write, writes = checkpoint._RecordingWriter.write, []
 
 def write(self, data):

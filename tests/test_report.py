@@ -15,7 +15,7 @@ import torch
 from dataloader.datasets import DATASETS, load_conversations
 from dataloader.loaders import make_loaders
 from dataloader.synthetic import PICKLE_PROTOCOL, generate
-from utils import main as entry
+from utils.training import main as entry
 from utils.training import report
 from utils.training.probes import linear_probes
 

@@ -3,10 +3,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from model.cuda_graphs import CudaGraphError, can_graph, capturing, layered_rnn
+from model.cuda_graphs import can_graph, layered_rnn
 from model import rnn
 from model.graph import build_graph
 from model.rnn import bidirectional_gru, expect_cotangent
+from utils.cuda_capture import CudaGraphError, capturing
 
 
 def _gru(input_size: int, hidden: int, layers: int, dropout: float = 0.0) -> torch.nn.GRU:

@@ -13,8 +13,8 @@ from dataloader.datasets import load_conversations
 from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state
 from model.m3net import M3Net, ModelConfig
-from utils import main as entry
-from utils.dgs import DGSSettings, DGSStep, make_optimizer
+from utils.training import main as entry
+from utils.dgs.step import DGSSettings, DGSStep, make_optimizer
 
 try:
     from tests import reference_m3net as ref

@@ -14,14 +14,14 @@ from dataloader.datasets import load_conversations
 from dataloader.loaders import make_loaders
 from model import M3Net, ModelConfig
 from model import graph, m3net, rnn
-from utils import dgs
-from utils import main as entry
-from utils.config import as_command_line
-from utils.dgs import DGSSettings, DGSStep, modality_scores, utterance_labels
-from utils.losses import unimodal_losses
-from utils.modulation import ogm_coefficients
-from utils.runlog import RunLog
-from utils.trainer import EpochStats, evaluate
+from utils.dgs import step as dgs
+from utils.training import main as entry
+from utils.training.config import as_command_line
+from utils.dgs.step import DGSSettings, DGSStep, modality_scores, utterance_labels
+from utils.dgs.step import unimodal_losses
+from utils.dgs.ogm import ogm_coefficients
+from utils.training.runlog import RunLog
+from utils.training.trainer import EpochStats, evaluate
 
 try:
     from tests.reference_shaping import cosine_reference, shaping_reference
@@ -183,7 +183,7 @@ def test_dgs_step_gradients_follow_the_spec(small_batch, model_flags, cpu_grus):
 
 
 def test_outside_the_modulation_epochs_ogm_ge_leaves_the_mmpareto_gradients(small_batch):
-    # SPEC §4 step 4 runs in epochs modulation_starts..ends only: no κ then, and no noise.
+    # OGM (README step 6) runs in epochs modulation_starts..ends only: no κ then, and no noise.
     data, batch = small_batch
     double = _assert_step_follows_the_spec(data, batch, DGSSettings(modulation="OGM_GE", pareto_gamma=0.5), False, {})
     assert "coeff" not in double["stats"] and double["stats"]["shapley"].shape == (3,)
@@ -498,7 +498,7 @@ def test_evaluation_loss_is_the_weighted_loss_of_the_whole_split(iemocap_dir):
     result = evaluate(model, loaders["test"], torch.nn.NLLLoss(weight=weights), torch.device("cpu"), "IEMOCAP")
     numerator = denominator = 0.0
     for batch, log_probs in zip(loaders["test"], outputs, strict=True):
-        y = batch.valid_labels
+        y = batch.labels[batch.umask.bool()]
         numerator += float((weights[y] * -log_probs.gather(1, y[:, None]).squeeze(1)).sum())
         denominator += float(weights[y].sum())
     assert len(loaders["test"]) > 1

@@ -18,6 +18,12 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def stdout_gone() -> None:
     """Whatever read stdout went away (`| head`, a closed terminal): point stdout at nowhere, so
     that later writes, and Python's flush at exit, have nothing to fail on."""

@@ -23,7 +23,8 @@ from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from utils.errors import UserError
-from utils.runlog import METRICS_FILE, atomic_path
+from utils.files import atomic_path
+from utils.training.runlog import METRICS_FILE
 
 HEADLINE = (("weighted_f1", "weighted F1"), ("acc", "acc"), ("macro_f1", "macro F1"))
 MODALITY_NAMES = {"l": "text", "a": "audio", "v": "visual"}

@@ -26,10 +26,10 @@ from dataloader.datasets import find_data_dir, load_conversations
 from dataloader.loaders import make_loaders
 from model.checkpoint import read_checkpoint
 from model.m3net import M3Net
-from utils.config import build_parser
-from utils.dgs import utterance_labels
-from utils.errors import UserError
-from utils.main import build_model, pick_device
+from utils.training.config import build_parser
+from utils.dgs.step import utterance_labels
+from utils.errors import UserError, first_line
+from utils.training.main import build_model, pick_device
 
 # Fixed so that a probe is a function of the checkpoint and the data alone. C: 1024 features
 # against a few hundred to a few thousand utterances overfit at sklearn's default of 1.
@@ -63,9 +63,8 @@ def linear_probes(checkpoint_path: str | Path, data_dir: str | Path | None = Non
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
         raise UserError(f"{checkpoint_path}: its weights do not fit the model its saved flags build "
-                        f"({first})") from None
+                        f"({first_line(e)})") from None
     device = pick_device(args)
     model.to(device).eval()
     train, y_train = encoder_outputs(model, loaders["train"], device, "probe features: train")

@@ -31,7 +31,8 @@ from sklearn.metrics import confusion_matrix
 from dataloader.datasets import DATASETS, DataError
 from model.checkpoint import read_checkpoint
 from utils.errors import OneLineParser, UserError
-from utils.runlog import METRICS_FILE, atomic_path, write_json
+from utils.files import atomic_path, write_json
+from utils.training.runlog import METRICS_FILE
 from utils.training.probes import ProbeResult, linear_probes
 
 SPLITS = ("train", "valid", "test")

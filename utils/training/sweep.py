@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import shlex
@@ -27,9 +26,10 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from dataloader.datasets import DATASETS, DataError, data_files, find_data_dir
-from utils.config import NO_EFFECT, as_command_line, build_parser, check_args, flag_name
+from utils.training.config import METHODS, NO_EFFECT, as_command_line, build_parser, check_args, flag_name
 from utils.errors import OneLineParser, UserError
-from utils.runlog import METRICS_FILE, check_not_in_use, write_json
+from utils.files import write_json
+from utils.training.runlog import METRICS_FILE, check_not_in_use
 from utils.training.aggregate import aggregate, default_baseline
 from utils.training.workers import (Job, Outcome, StopSignals, plural, run_local, run_on_ray, threads_per_run,
                                     usable_cores)
@@ -41,15 +41,6 @@ except ImportError:          # Windows: there a second sweep in the same folder 
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The methods a sweep compares, as flag sets of the training script. joint is the multimodal loss
-# alone (M3Net as published); plain adds the unimodal losses (MMPareto's "uniform" baseline).
-METHODS: dict[str, tuple[str, ...]] = {
-    "joint": ("--modulation", "Normal", "--no-pareto", "--no-shapley", "--no-unimodal-loss"),
-    "plain": ("--modulation", "Normal", "--no-pareto", "--no-shapley"),
-    "ogm_ge": ("--no-pareto",),
-    "mmpareto": ("--modulation", "Normal", "--no-shapley"),
-    "dgs": (),
-}
 # Flags the sweep sets for every run itself.
 SWEEP_FLAGS = ("Dataset", "data_dir", "log_dir", "seed", "resume", "testing")
 # Where a sweep holds the model selection honest unless the training flags say otherwise.
@@ -80,18 +71,9 @@ def training_script(dataset: str) -> Path:
     return REPO / "run" / f"train_OGM_Shapley_MMPareto_{dataset}.py"
 
 
-@functools.lru_cache(maxsize=None)
-def dataset_defaults(dataset: str) -> dict[str, Any]:
-    """The defaults the dataset's run script gives its parser (`<DATASET>_DEFAULTS` there)."""
-    spec = importlib.util.spec_from_file_location(f"_train_script_{dataset}", training_script(dataset))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, f"{dataset}_DEFAULTS")
-
-
 def training_parser(dataset: str, what: str) -> argparse.ArgumentParser:
     """The training script's parser, raising UserError (prefixed with `what`) where it would exit."""
-    parser = build_parser(dataset, dataset_defaults(dataset))
+    parser = build_parser(dataset, DATASETS[dataset].train_defaults)
 
     def error(message: str) -> None:
         raise UserError(f"{what}: {message}")
@@ -103,7 +85,7 @@ def training_parser(dataset: str, what: str) -> argparse.ArgumentParser:
 def parse_training_flags(dataset: str, words: Sequence[str], what: str) -> tuple[argparse.Namespace, set[str]]:
     """The training script's namespace of `words`, and the names of the flags they give."""
     parser = training_parser(dataset, what)
-    # As in utils.config.given_flags: argparse fills in defaults only for names the namespace lacks.
+    # As in utils.training.config.given_flags: argparse fills in defaults only for names the namespace lacks.
     absent = object()
     namespace = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), absent))
     parsed = parser.parse_args(list(words), namespace=namespace)

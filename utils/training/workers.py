@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 POLL_SECONDS = 0.1
 
@@ -146,7 +146,7 @@ def run_on_ray(jobs: Sequence[Job], workers: int | None, address: str | None, us
             ray.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot start Ray{f' at --ray-address {address}' if address else ''}: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                        f"{first_line(e)}") from None
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if use_gpus else 0

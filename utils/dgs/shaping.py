@@ -1,8 +1,8 @@
-"""One encoder group's gradient shaping: MMPareto (SPEC §4 step 2), then OGM / OGM-GE (step 4).
+"""One encoder group's gradient shaping: MMPareto, then OGM / OGM-GE.
 
 Two implementations of the same arithmetic, one per kind of machine:
 
-- `shape_group_flat` (GPU): each step of utils/pareto.py and utils/modulation.py is one
+- `shape_group_flat` (GPU): each step of utils/dgs/pareto.py and utils/dgs/ogm.py is one
   operation on the group's tensors concatenated: a few large kernels, the fewest launches.
 - `shape_group_per_tensor` (CPU): there each of those operations is a pass through memory, about
   twelve passes over 42-126 MB for the text encoder's 10.5M parameters. But every per-tensor
@@ -18,15 +18,15 @@ Two implementations of the same arithmetic, one per kind of machine:
   so κ g_p + std(g_p) ξ = κ f k1 · a + κ f k2 · b + std(g_p) · ξ: one pass for the sums and
   one that writes the result over the noise ξ, tensor by tensor (the largest is 6 MB: it stays
   in cache between the operations). Without MMPareto (no b) h = a and f = 1. The noise is the
-  flat path's, draw for draw (utils/noise.py), and the result the same to float32 rounding.
+  flat path's, draw for draw (utils/dgs/noise.py), and the result the same to float32 rounding.
 """
 from __future__ import annotations
 
 import torch
 
-from utils.modulation import modulate
-from utils.noise import standard_normal_
-from utils.pareto import magnitude_factors, pareto_combine, pareto_weight
+from utils.dgs.ogm import modulate
+from utils.dgs.noise import standard_normal_
+from utils.dgs.pareto import magnitude_factors, pareto_combine, pareto_weight
 
 
 def shape_group(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor] | None, coeff: torch.Tensor | None,

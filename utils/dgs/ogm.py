@@ -1,10 +1,10 @@
-"""OGM / OGM-GE: damp the gradient of the dominant modality's encoder (SPEC §4 step 4)."""
+"""OGM / OGM-GE: damp the gradient of the dominant modality's encoder."""
 from __future__ import annotations
 
 import torch
 
-from utils.noise import standard_normal_like
-from utils.segments import scale_segments_, segment_stds
+from utils.dgs.noise import standard_normal_like
+from utils.dgs.segments import scale_segments_, segment_stds
 
 SCORE_FLOOR = 1e-6   # ε: Shapley scores can be ≤ 0; the ratio needs positive numbers
 

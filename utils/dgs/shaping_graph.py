@@ -1,9 +1,8 @@
 """The gradient shaping of all encoder groups on the GPU, replayed from a CUDA graph.
 
-Why: on the GPU a step is bound by the host (README, "Where the time goes"). The flat shaping
-(`utils/shaping.py: shape_flat`) of M3Net's three encoder groups launches about 180 small
-kernels, about 5 ms of host time on an H200 in a MELD step of 28 ms, for well under a
-millisecond of GPU work. Its shapes are the parameters', the same at every step, so it is
+Why: on the GPU a step is bound by the host (docs/performance.md). The flat shaping
+(`utils/dgs/shaping.py: shape_flat`) of M3Net's three encoder groups launches about 180 small
+kernels, whose host time is a sizeable share of a MELD step for little GPU work. Its shapes are the parameters', the same at every step, so it is
 captured once and replayed: the step then copies the gradients into the graph's inputs (one
 concatenation each for g_mm and g_u) and launches the graph.
 
@@ -26,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from model.cuda_graphs import (UNIT_ROUNDOFF, WARMUP_RUNS, capturing, drawing_from, fallback_notice, first_line,
-                               generator_state, mismatch, rounding_error_bound, rounding_tolerance)
-from utils.segments import segment_ids
-from utils.shaping import shape_flat, shape_groups
+from utils.cuda_capture import (UNIT_ROUNDOFF, WARMUP_RUNS, capturing, drawing_from, fallback_notice, first_line,
+                                generator_state, mismatch, rounding_error_bound, rounding_tolerance)
+from utils.dgs.segments import segment_ids
+from utils.dgs.shaping import shape_flat, shape_groups
 
 
 def capture(body: Callable[[], None], device: torch.device, pool: tuple | None,
@@ -78,7 +77,7 @@ class _Graph:
 
 
 class ShapingGraphs:
-    """`utils/shaping.py: shape_groups` on CUDA tensors, replayed from CUDA graphs; eagerly once a
+    """`utils/dgs/shaping.py: shape_groups` on CUDA tensors, replayed from CUDA graphs; eagerly once a
     capture failed or a first replay differed from the eager shaping."""
 
     PART = "the gradient shaping"
@@ -168,7 +167,7 @@ class ShapingGraphs:
             if graph.cos is not None:
                 torch.stack(cosines, out=graph.cos)
 
-        # The per-element tensor ids of each group (utils/segments.py), from a bounded cache
+        # The per-element tensor ids of each group (utils/dgs/segments.py), from a bounded cache
         # that may drop them later: the graph reads them at every replay. Made here, before the
         # capture, where their host-to-device copy is allowed.
         graph.reads = tuple(segment_ids(group, first.device) for group in sizes)

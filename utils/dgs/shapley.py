@@ -1,4 +1,4 @@
-"""Exact Shapley valuation of modalities from coalition values (SPEC §4 step 3).
+"""Exact Shapley valuation of modalities from coalition values.
 
 Coalition s (an integer 0 .. 2^M - 1) contains modality i when bit i of s is set; row s of
 `coalition_masks` is that membership, and the model evaluates all rows in one batched pass.

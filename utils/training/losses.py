@@ -1,8 +1,7 @@
-"""Multimodal losses: class-weighted NLL (IEMOCAP) and focal loss (MELD) (SPEC §4)."""
+"""Multimodal losses: class-weighted NLL (IEMOCAP) and focal loss (MELD)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 FOCAL_GAMMA = 2.5
@@ -26,13 +25,6 @@ def inverse_prior_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return torch.where(prior > 0, 1 / prior, torch.zeros_like(prior)).float()
 
 
-def multimodal_loss(dataset: str, class_weights: torch.Tensor | None) -> nn.Module:
-    """The L_mm of a dataset: focal loss for MELD, (class-weighted) NLL for IEMOCAP."""
-    if dataset == "MELD":
-        return FocalLoss()
-    return nn.NLLLoss(weight=class_weights)
-
-
-def unimodal_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """L_m = CE(head_m(z_m), y) per modality."""
-    return {m: F.cross_entropy(z, labels) for m, z in logits.items()}
+def multimodal_loss(kind: str, class_weights: torch.Tensor | None) -> nn.Module:
+    """The L_mm of a dataset (`DatasetInfo.loss`): focal loss, or NLL weighted by `class_weights`."""
+    return FocalLoss() if kind == "focal" else nn.NLLLoss(weight=class_weights)

@@ -19,15 +19,16 @@ from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state, read_checkpoint
 from model.graph import GraphCapacityError, check_capacity
 from model.m3net import M3Net, ModelConfig
-from utils.config import (ARCHITECTURE_FLAGS, UNSEEN_IN_KEYS, architecture_differences, as_command_line, flag_default,
+from utils.training.config import (ARCHITECTURE_FLAGS, UNSEEN_IN_KEYS, architecture_differences, as_command_line, flag_default,
                           flag_name, given_flags, parse_args)
 from utils.cpu_memory import keep_freed_memory
-from utils.dgs import DGSSettings, DGSStep, make_optimizer
+from utils.dgs.step import DGSSettings, DGSStep, make_optimizer
 from utils.errors import UserError
-from utils.losses import inverse_prior_weights, multimodal_loss
-from utils.runlog import METRICS_FILE, RunLog, check_not_in_use, equal_as_json, read_records, write_json
+from utils.training.losses import inverse_prior_weights, multimodal_loss
+from utils.files import equal_as_json, write_json
+from utils.training.runlog import METRICS_FILE, RunLog, check_not_in_use, read_records
 from utils.signals import stop_signals_raise
-from utils.trainer import Trainer, TrainingDiverged, evaluate
+from utils.training.trainer import Trainer, TrainerSettings, TrainingDiverged, evaluate
 
 
 def main(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | None = None) -> None:
@@ -101,11 +102,26 @@ def build_model(args: argparse.Namespace, data: Conversations) -> M3Net:
 
 
 def class_weights(args: argparse.Namespace, data: Conversations, train_loader) -> torch.Tensor | None:
-    """IEMOCAP's NLL weights: 1 / class prior of the dialogues actually trained on."""
-    if args.Dataset != "IEMOCAP" or not args.class_weight:
+    """The NLL loss's weights (IEMOCAP's): 1 / class prior of the dialogues actually trained on."""
+    if data.info.loss != "nll" or not args.class_weight:
         return None
     labels = torch.from_numpy(np.concatenate([d.labels for d in train_loader.dataset.dialogues]))
     return inverse_prior_weights(labels, data.n_classes)
+
+
+def build_loss(args: argparse.Namespace, data: Conversations, train_loader) -> torch.nn.Module:
+    """The multimodal loss L_mm of the dataset."""
+    return multimodal_loss(data.info.loss, class_weights(args, data, train_loader))
+
+
+def build_step(args: argparse.Namespace, model: M3Net, loss_mm: torch.nn.Module) -> DGSStep:
+    """The training step of the flags (its optimizer included), for training, benchmarks and tools."""
+    optimizer = make_optimizer(model, args.lr, args.l2)
+    settings = DGSSettings(pareto=not args.no_pareto, shapley=not args.no_shapley, modulation=args.modulation,
+                           alpha=args.alpha_, pareto_gamma=args.pareto_gamma,
+                           unimodal_loss=not args.no_unimodal_loss,
+                           modulation_epochs=(args.modulation_starts, args.modulation_ends))
+    return DGSStep(model, optimizer, loss_mm, settings)
 
 
 def load_weights(model: M3Net, path: str, args: argparse.Namespace) -> str:
@@ -189,7 +205,7 @@ def setup(args: argparse.Namespace) -> tuple[Conversations, dict, M3Net, torch.n
     check_batches_fit(used, args.batch_size, len(args.modals))
     model = build_model(args, data).to(device)
     loaded = load_weights(model, args.checkpoint, args) if args.checkpoint else None
-    loss_mm = multimodal_loss(args.Dataset, class_weights(args, data, loaders["train"])).to(device)
+    loss_mm = build_loss(args, data, loaders["train"]).to(device)
     log_dir = Path(args.log_dir or f"runs/{args.Dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     log = RunLog(log_dir, tensorboard=args.tensorboard and not args.testing, fresh=not args.log_dir)
     splits = ", ".join(f"{name} {len(loader.dataset)} dialogues" for name, loader in used.items())
@@ -228,13 +244,11 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     data, loaders, model, loss_mm, device, log = setup(args)
     log.metrics_path.touch()     # marks the folder as a run's from its first epoch on (see above)
     log.line("flags: " + as_command_line(args))
-    optimizer = make_optimizer(model, args.lr, args.l2)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_step, gamma=args.lr_decay_ratio)
-    settings = DGSSettings(pareto=not args.no_pareto, shapley=not args.no_shapley, modulation=args.modulation,
-                           alpha=args.alpha_, pareto_gamma=args.pareto_gamma,
-                           unimodal_loss=not args.no_unimodal_loss)
-    step = DGSStep(model, optimizer, loss_mm, settings)
-    trainer = Trainer(args, model, step, scheduler, loaders, loss_mm, device, log, list(data.class_names))
+    step = build_step(args, model, loss_mm)
+    scheduler = torch.optim.lr_scheduler.StepLR(step.optimizer, step_size=args.lr_decay_step,
+                                                gamma=args.lr_decay_ratio)
+    settings = TrainerSettings(dataset=args.Dataset, epochs=args.epochs, seed=args.seed, flags=vars(args))
+    trainer = Trainer(settings, model, step, scheduler, loaders, loss_mm, device, log, list(data.class_names))
     with log:
         try:
             if resume_from is not None:

@@ -1,4 +1,4 @@
-"""One Dynamic Gradient Shaping training step (SPEC §4), top to bottom.
+"""One Dynamic Gradient Shaping training step, top to bottom.
 
     forward            -> multimodal log-probs, unimodal logits per modality
     losses             -> L_mm, L_m
@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
@@ -23,11 +24,10 @@ from dataloader.batch import Batch
 from model.cuda_graphs import take_fallback_notices
 from model.m3net import M3Net, ModelOutput
 from model.rnn import expect_cotangent
-from utils.losses import unimodal_losses
-from utils.modulation import ogm_coefficients
-from utils.shaping import shape_groups
-from utils.shaping_graph import ShapingGraphs
-from utils.shapley import coalition_masks, shapley_values, true_label_probs
+from utils.dgs.ogm import ogm_coefficients
+from utils.dgs.shaping import shape_groups
+from utils.dgs.shaping_graph import ShapingGraphs
+from utils.dgs.shapley import coalition_masks, shapley_values, true_label_probs
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ class DGSSettings:
     alpha: float = 0.6           # OGM strength
     pareto_gamma: float = 1.0    # MMPareto magnitude factor
     unimodal_loss: bool = True   # the encoders learn from ΣL_m too (else the heads alone, on detached z_m)
+    modulation_epochs: tuple[int, int] | None = None   # first and last epoch (0-based) of OGM; None: all
+
+    def modulates(self, epoch: int) -> bool:
+        """Whether OGM (OGM-GE's noise included) shapes the gradients in `epoch` (0-based)."""
+        return self.modulation_epochs is None or self.modulation_epochs[0] <= epoch <= self.modulation_epochs[1]
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
@@ -46,6 +51,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     except RuntimeError:          # torch < 2.4 fuses on CUDA only
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def unimodal_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L_m = CE(head_m(z_m), y) per modality."""
+    return {m: F.cross_entropy(z, labels) for m, z in logits.items()}
 
 
 def utterance_labels(batch: Batch, out: ModelOutput) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Command line shared by the per-dataset run scripts (SPEC §5).
+"""Command line shared by the per-dataset run scripts.
 
 Every flag of the reference scripts is accepted, so old command lines keep working; the ones
 this implementation does not read are listed in `NO_EFFECT` and say so in `--help`.
@@ -10,19 +10,31 @@ import functools
 import shlex
 from typing import Any, Sequence
 
+from dataloader.datasets import DATASETS
 from utils.errors import OneLineParser, UserError
 
-DATASETS = ("IEMOCAP", "MELD")
 BASE_MODELS = ("GRU", "LSTM", "Transformer")
 MODULATIONS = ("Normal", "OGM", "OGM_GE")
 
 # Reference flags that steer architectures this code base does not contain (DialogRNN, MMGCN,
-# DeepGCN, ...): the model is always the multimodal M3Net of SPEC §3.
+# DeepGCN, ...): the model is always the multimodal M3Net.
 NO_EFFECT = (
     "graph_model", "nodal_attention", "windowp", "windowf", "rec_dropout", "active_listener",
     "attention", "graph_type", "use_topic", "alpha", "multiheads", "graph_construct", "use_gcn",
     "multi_modal", "mm_fusion_mthd", "Deep_GCN_nlayers", "fusion_method",
 )
+
+
+# The methods the sweeps and benchmarks compare, as flag sets of the training script. joint is the
+# multimodal loss alone (M3Net as published); plain adds the unimodal losses (MMPareto's "uniform"
+# baseline).
+METHODS: dict[str, tuple[str, ...]] = {
+    "joint": ("--modulation", "Normal", "--no-pareto", "--no-shapley", "--no-unimodal-loss"),
+    "plain": ("--modulation", "Normal", "--no-pareto", "--no-shapley"),
+    "ogm_ge": ("--no-pareto",),
+    "mmpareto": ("--modulation", "Normal", "--no-shapley"),
+    "dgs": (),
+}
 
 
 def _no_effect(help_text: str = "") -> str:
@@ -77,7 +89,7 @@ def build_parser(dataset: str, defaults: dict[str, Any]) -> argparse.ArgumentPar
     g.add_argument("--av_using_lstm", action="store_true",
                    help="run audio/visual through their own 2-layer bidirectional RNN (a GRU with --base-model GRU, else an LSTM)")
     g.add_argument("--Deep_GCN_nlayers", type=int, default=4, help=_no_effect())
-    g.add_argument("--Dataset", default=dataset, choices=DATASETS, help="must match the script")
+    g.add_argument("--Dataset", default=dataset, choices=tuple(DATASETS), help="must match the script")
     g.add_argument("--use_speaker", action=flag, default=True, help="add speaker embeddings to text nodes")
     g.add_argument("--use_modal", action=flag, default=False, help="add modality embeddings to all nodes")
     g.add_argument("--norm", default="BN", help="text layer normalisation: BN, LN, LN2, or anything else for none")
@@ -140,7 +152,7 @@ def given_flags(dataset: str, defaults: dict[str, Any], argv: Sequence[str] | No
 @functools.lru_cache(maxsize=1)
 def _flag_actions() -> tuple[argparse.Action, ...]:
     """The parser's flags (either dataset's: they differ in defaults only), `--help` left out."""
-    return tuple(action for action in build_parser(DATASETS[0], {})._actions
+    return tuple(action for action in build_parser(next(iter(DATASETS)), {})._actions
                  if action.option_strings and action.dest != "help")
 
 
@@ -194,8 +206,6 @@ def check_args(args: argparse.Namespace, dataset: str) -> None:
                         f"{args.modulation_ends}: OGM would never run (--modulation Normal turns it off)")
     if not 0.0 <= args.valid < 1.0:
         raise UserError(f"--valid {args.valid}: give a fraction in [0, 1)")
-    if not 0.0 <= args.dropout < 1.0:
-        raise UserError(f"--dropout {args.dropout}: give a probability in [0, 1)")
     if args.no_unimodal_loss and not args.no_pareto:
         raise UserError("--no-unimodal-loss leaves MMPareto no unimodal gradient to merge: add --no-pareto")
     if args.testing and not args.checkpoint:

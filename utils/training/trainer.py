@@ -1,7 +1,6 @@
-"""Epoch loops, model selection, checkpoints and resume (SPEC §5)."""
+"""Epoch loops, model selection, checkpoints and resume."""
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -20,11 +19,12 @@ from tqdm import tqdm
 from dataloader.datasets import DATASETS
 from model.checkpoint import link_atomic, save_atomic
 from model.m3net import M3Net
-from utils.dgs import DGSStep, utterance_labels
+from utils.dgs.step import DGSStep, utterance_labels
 from utils.errors import UserError
-from utils.metrics import classification_metrics, modality_diagnostics, report
-from utils.runlog import METRICS_FILE, RunLog, write_json
-from utils.shapley import coalition_masks
+from utils.training.metrics import classification_metrics, modality_diagnostics, report
+from utils.files import write_json
+from utils.training.runlog import METRICS_FILE, RunLog
+from utils.dgs.shapley import coalition_masks
 from utils.signals import stop_signals_held
 
 
@@ -47,6 +47,7 @@ def evaluate(model: M3Net, loader: DataLoader, loss_mm: nn.Module, device: torch
     (`modality_diagnostics`), from the same forward passes: the coalitions reuse each batch's
     encoder outputs.
     """
+    info = DATASETS[dataset]
     model.eval()
     coalitions = coalition_masks(len(model.cfg.modalities), device)[:-1]   # the last, all present, is `out`
     log_probs, labels, unimodal, coalition_preds = [], [], defaultdict(list), []
@@ -61,12 +62,12 @@ def evaluate(model: M3Net, loader: DataLoader, loss_mm: nn.Module, device: torch
             coalition_preds.append(model.coalition_log_probs(out, coalitions).argmax(-1))
     log_probs, labels = torch.cat(log_probs), torch.cat(labels)
     preds_np, labels_np = log_probs.argmax(-1).cpu().numpy(), labels.cpu().numpy()
-    result = {"loss": float(loss_mm(log_probs, labels)), **classification_metrics(labels_np, preds_np, dataset)}
+    result = {"loss": float(loss_mm(log_probs, labels)), **classification_metrics(labels_np, preds_np, info.micro_f1_classes)}
     if diagnostics:
         result.update(modality_diagnostics(
             labels_np, preds_np, {m: torch.cat(p).cpu().numpy() for m, p in unimodal.items()},
             torch.cat(coalition_preds, 1).cpu().numpy(), model.cfg.modalities, model.cfg.modals,
-            DATASETS[dataset].class_names))
+            info.class_names))
     return {**result, "preds": preds_np, "labels": labels_np}
 
 
@@ -97,11 +98,21 @@ class EpochStats:
         return {k: v.mean(0).cpu().numpy() for k, v in per_step.items()}
 
 
+@dataclass(frozen=True)
+class TrainerSettings:
+    dataset: str
+    epochs: int
+    seed: int
+    flags: dict[str, Any]        # the run's flags, saved in every checkpoint
+
+
 class Trainer:
-    def __init__(self, args: argparse.Namespace, model: M3Net, step: DGSStep,
+    """Runs the epochs of a run: train with the DGS step, evaluate, log, checkpoint, select."""
+
+    def __init__(self, settings: TrainerSettings, model: M3Net, step: DGSStep,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, loaders: dict[str, DataLoader],
                  loss_mm: nn.Module, device: torch.device, log: RunLog, class_names: list[str]):
-        self.args, self.model, self.step, self.scheduler = args, model, step, scheduler
+        self.settings, self.model, self.step, self.scheduler = settings, model, step, scheduler
         self.loaders, self.loss_mm, self.device, self.log = loaders, loss_mm, device, log
         self.class_names = class_names
         self.select_on = "valid" if "valid" in loaders else "test"
@@ -110,11 +121,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        args = self.args
+        args = self.settings
         # Seed per epoch: a resumed run replays exactly the epochs an uninterrupted one would.
         torch.manual_seed(args.seed * 100003 + epoch)
         self.loaders["train"].generator.manual_seed(args.seed * 100003 + epoch)
-        modulation_on = args.modulation_starts <= epoch <= args.modulation_ends
+        modulation_on = self.step.settings.modulates(epoch)
         self.model.train()
         stats, log_probs, labels = EpochStats(), [], []
         for batch in _progress(self.loaders["train"], f"epoch {epoch}"):
@@ -130,7 +141,7 @@ class Trainer:
                                    f"{METRICS_FILE}), step {bad + 1}/{len(labels)}; {self._kept()}")
         means = stats.means()
         preds_np, labels_np = torch.cat(log_probs).argmax(-1).cpu().numpy(), torch.cat(labels).cpu().numpy()
-        train = {"loss": float(means["loss_mm"]), **classification_metrics(labels_np, preds_np, args.Dataset)}
+        train = {"loss": float(means["loss_mm"]), **classification_metrics(labels_np, preds_np, DATASETS[args.dataset].micro_f1_classes)}
         return train, means
 
     def _kept(self) -> str:
@@ -149,13 +160,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
-        args = self.args
+        args = self.settings
         for epoch in range(self.start_epoch, args.epochs):
             started = time.perf_counter()
             lr = self.step.optimizer.param_groups[0]["lr"]
             train, means = self.train_epoch(epoch)
             self.scheduler.step()
-            results = {name: evaluate(self.model, self.loaders[name], self.loss_mm, self.device, args.Dataset)
+            results = {name: evaluate(self.model, self.loaders[name], self.loss_mm, self.device, args.dataset)
                        for name in self.loaders if name != "train"}
             for name, result in results.items():
                 if not math.isfinite(result["loss"]):
@@ -179,12 +190,12 @@ class Trainer:
     def _keep_epoch(self, epoch: int, record: dict[str, Any], improved: bool) -> None:
         """The epoch's line in metrics.jsonl and the log, then its checkpoint: last.pt, and best.pt
         when it is the best so far (the same file, written once)."""
-        where = f"epoch {epoch + 1}/{self.args.epochs}"
+        where = f"epoch {epoch + 1}/{self.settings.epochs}"
         try:
             self.log.epoch(record)
         except OSError as e:                 # a full disk: the file keeps the epochs before
             raise UserError(f"cannot write the metrics of {where}: {self.log.metrics_path} ({e.strerror})") from None
-        self.log.line(_epoch_line(record, self.args.epochs))
+        self.log.line(_epoch_line(record, self.settings.epochs))
         try:
             save_atomic(self.checkpoint(epoch, record), self.log.dir / "last.pt",
                         also=self.log.dir / "best.pt" if improved else None)
@@ -194,7 +205,7 @@ class Trainer:
 
     def checkpoint(self, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.step.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "args": vars(self.args),
+                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "args": self.settings.flags,
                 "metrics": record, "best": self.best}
 
     def resume(self, state: dict[str, Any], path: Path) -> None:
@@ -212,7 +223,7 @@ class Trainer:
             except OSError as e:
                 raise UserError(f"--resume: cannot write in {self.log.dir}: {e.filename or self.log.dir} "
                                 f"({e.strerror})") from None
-        self.log.line(f"resumed from {path} after epoch {state['epoch'] + 1}/{self.args.epochs} "
+        self.log.line(f"resumed from {path} after epoch {state['epoch'] + 1}/{self.settings.epochs} "
                       f"(epoch {state['epoch']} in {METRICS_FILE})")
 
     def _relink_best(self, last: Path) -> None:
@@ -237,7 +248,7 @@ class Trainer:
             raise UserError(f"cannot write {path} ({e.strerror}); the run's epochs are kept: once it can be written, "
                             f"--resume --log-dir {self.log.dir} writes it without training further") from None
         test = best["record"]["test"]
-        self.log.line(f"selected epoch {best['epoch'] + 1}/{self.args.epochs} (epoch {best['epoch']} in "
+        self.log.line(f"selected epoch {best['epoch'] + 1}/{self.settings.epochs} (epoch {best['epoch']} in "
                       f"{METRICS_FILE}) by {protocol}: test acc {test['acc']:.2f} "
                       f"weighted F1 {test['weighted_f1']:.2f} macro F1 {test['macro_f1']:.2f} "
                       f"micro F1 {test['micro_f1']:.2f}")

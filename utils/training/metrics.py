@@ -1,20 +1,18 @@
-"""Classification metrics of an evaluation split (SPEC §5)."""
+"""Classification metrics of an evaluation split."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from utils.shapley import coalition_masks, shapley_values
+from utils.dgs.shapley import coalition_masks, shapley_values
 
 
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, dataset: str) -> dict[str, float]:
-    """Accuracy and F1 scores in percent.
-
-    micro_f1 is over all classes for IEMOCAP, and over the classes other than neutral (0) for
-    MELD, as MELD papers report it.
-    """
-    micro_labels = list(range(1, 7)) if dataset == "MELD" else None
+def classification_metrics(labels: np.ndarray, preds: np.ndarray,
+                           micro_f1_classes: tuple[int, ...] | None) -> dict[str, float]:
+    """Accuracy and F1 scores in percent; micro_f1 over `micro_f1_classes` (the dataset's
+    `DatasetInfo.micro_f1_classes`; None: all)."""
+    micro_labels = list(micro_f1_classes) if micro_f1_classes is not None else None
     return {**prediction_scores(labels, preds),
             "micro_f1": 100 * f1_score(labels, preds, labels=micro_labels, average="micro", zero_division=0)}
 

@@ -1,9 +1,9 @@
 """Standard normal noise for OGM-GE, fast on the CPU.
 
 On the CPU torch draws normals from one Mersenne Twister on one thread: for the text encoder's
-10.5M parameters that is ~60 ms a step, half of the gradient shaping. Here the CPU fills
-fixed-size chunks, each from its own generator seeded from the global one, on all intra-op
-threads (the fill releases the GIL): 2-3x faster on two cores, and the same numbers for the same
+10.5M parameters that is about half of the gradient shaping. Here the CPU fills fixed-size
+chunks, each from its own generator seeded from the global one, on all intra-op threads (the
+fill releases the GIL; figures in docs/performance.md), with the same numbers for the same
 `torch.manual_seed` whatever the thread count. Other devices draw with `torch.randn`, already
 parallel there.
 """
@@ -31,8 +31,8 @@ def standard_normal_(out: torch.Tensor) -> torch.Tensor:
         return out.normal_()                                          # what torch.randn_like draws
     chunks = out.view(-1).split(CHUNK)
     seeds = torch.randint(2**63 - 1, (len(chunks),)).tolist()     # from the global generator
-    # One task per thread, each a run of consecutive chunks: a task per chunk cost 3-7 ms more
-    # for the text encoder's 81 chunks (waking a thread for each).
+    # One task per thread, each a run of consecutive chunks: a task per chunk wakes a thread for
+    # each of the text encoder's 81 chunks, which costs more than the fill it spreads.
     pool, workers = _pool()
     per_task = -(-len(chunks) // workers)
     runs = [(chunks[i: i + per_task], seeds[i: i + per_task]) for i in range(0, len(chunks), per_task)]

@@ -1,22 +1,16 @@
-"""MMPareto: merge the multimodal and the unimodal gradient of one encoder (SPEC §4 step 2)."""
+"""MMPareto: merge the multimodal and the unimodal gradient of one encoder."""
 from __future__ import annotations
 
 import torch
 
-from utils.segments import scale_segments_, segment_norms
+from utils.dgs.segments import scale_segments_, segment_norms
 
 K_MIN, K_MAX = 0.001, 0.999
 
 
-def min_norm_weight(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-    """k1 minimising ‖k1·g1 + (1−k1)·g2‖ over [0.001, 0.999] for flat vectors g1, g2 (0-dim tensor).
-
-    k1 = ((g2 − g1)·g2) / ‖g1 − g2‖², clipped; identical vectors give the lower clip.
-    """
-    return _min_norm_weight(g1 @ g1, g2 @ g2, g1 @ g2)
-
-
 def _min_norm_weight(g1g1: torch.Tensor, g2g2: torch.Tensor, g1g2: torch.Tensor) -> torch.Tensor:
+    """k1 minimising ‖k1·g1 + (1−k1)·g2‖ over [K_MIN, K_MAX]: ((g2 − g1)·g2) / ‖g1 − g2‖², clipped
+    (identical vectors give the lower clip), from the three dot products."""
     # From the three dot products: (g2 − g1)·g2 = g2g2 − g1g2, ‖g1 − g2‖² = g1g1 + g2g2 − 2 g1g2.
     # Used where g1g2 ≤ 0 (conflict), so nothing cancels.
     denom = g1g1 + g2g2 - 2 * g1g2
@@ -24,12 +18,8 @@ def _min_norm_weight(g1g1: torch.Tensor, g2g2: torch.Tensor, g1g2: torch.Tensor)
     return k1.clamp(K_MIN, K_MAX)
 
 
-def cosine(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-    """Cosine of two flat vectors; 0 when either is zero."""
-    return _cosine(g1 @ g1, g2 @ g2, g1 @ g2)
-
-
 def _cosine(g1g1: torch.Tensor, g2g2: torch.Tensor, g1g2: torch.Tensor) -> torch.Tensor:
+    """Cosine of two vectors from their dot products; 0 when either is zero."""
     return g1g2 / torch.sqrt(g1g1 * g2g2).clamp_min(1e-12)
 
 
@@ -42,7 +32,7 @@ def pareto_combine(g_mm: torch.Tensor, g_uni: torch.Tensor, sizes: list[int], ga
     min-norm weights. Per tensor p: n_p = 2(k1 g_mm,p + k2 g_u,p), rescaled so its norm is at
     least that of the plain sum, times γ: g_p = γ · max(‖g_mm,p + g_u,p‖ / ‖n_p‖, 1) · n_p.
     The group is a few flat operations (three dot products, per-tensor norms and scaling in a few
-    kernels, utils/segments.py), so the cost does not grow with the number of parameter tensors.
+    kernels, utils/dgs/segments.py), so the cost does not grow with the number of parameter tensors.
     """
     k1, cos = pareto_weight(g_mm @ g_mm, g_uni @ g_uni, g_mm @ g_uni)
     half = torch.lerp(g_uni, g_mm, k1)                                  # n / 2 = k1 g_mm + (1 − k1) g_u
