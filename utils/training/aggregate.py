@@ -182,8 +182,8 @@ def results_markdown(definition: dict[str, Any], runs: pd.DataFrame, unfinished:
                      [[*key, str(len(rows)), *(mean_std(rows[f"test_{metric}"]) for metric, _ in HEADLINE),
                        *(mean_std(rows[f"unimodal_acc_{m}"]) for m in unimodal)] for key, rows in by_group])]
     if shapley:
-        lines += ["", "Held-out Shapley value of each modality on the test split (percentage points of the "
-                      "true class's probability), mean ± std:", "",
+        lines += ["", "Held-out Shapley value of each modality on the test split (its share of the test "
+                      "accuracy over the empty coalition's, in percentage points), mean ± std:", "",
                   *table([*keys, "n", *(MODALITY_NAMES[m] for m in shapley)],
                          [[*key, str(len(rows)), *(mean_std(rows[f"shapley_{m}"]) for m in shapley)]
                           for key, rows in by_group])]
