@@ -4,7 +4,8 @@
       [--grid alpha_=0.3,0.6,0.9 ...] [--workers N] [--backend local|ray] -- <training flags>
 
 Each (method, grid point, seed) is a normal training run of run/train_OGM_Shapley_MMPareto_<Dataset>.py
-in DIR/runs/<name>/ (e.g. dgs-alpha_0.3-seed1), with every output a single run has; its stderr
+in DIR/runs/<name>/ (e.g. dgs-alpha_0.3-seed1), with every output a single run has (with
+--valid 0.2 unless the training flags give --valid: epochs selected on validation); its stderr
 goes to DIR/logs/<name>.stderr. DIR/sweep.json records the sweep's definition. Rerunning the same
 command trains nothing that finished, resumes a stopped run from its last.pt and restarts one
 stopped before its first last.pt; it may add methods, seeds and grid values to the sweep. Then
