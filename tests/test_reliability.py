@@ -364,6 +364,51 @@ def test_a_stop_signal_during_the_checkpoint_write_waits_for_it(tmp_path, meld_d
     assert [r["epoch"] for r in records(log)] == [0] and temp_files(log) == []
 
 
+SIGNAL_SWALLOWED_IN_A_STEP = """
+import os, signal, sys
+from utils.dgs import step
+from utils.training import main as entry
+real_call = step.DGSStep.__call__
+
+def call(self, batch, modulation_on):
+    try:                                  # as a library's bare except: swallows what it is given
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            pass
+    except BaseException:
+        pass
+    return real_call(self, batch, modulation_on)
+
+step.DGSStep.__call__ = call
+entry.main("MELD", dict(seed=67137, pareto_gamma=1.0), sys.argv[1:])
+"""
+
+SIGNAL_RIGHT_AFTER_THE_FLAGS_LINE = """
+import os, signal, sys
+from utils.training import main as entry
+real_build_step = entry.build_step
+
+def build_step(*args):
+    os.kill(os.getpid(), signal.SIGINT)   # while the optimizer is being built
+    return real_build_step(*args)
+
+entry.build_step = build_step
+entry.main("MELD", dict(seed=67137, pareto_gamma=1.0), sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("code, status, stopped", [(SIGNAL_SWALLOWED_IN_A_STEP, 143, "terminated by SIGTERM"),
+                                                   (SIGNAL_RIGHT_AFTER_THE_FLAGS_LINE, 130, "interrupted")])
+def test_a_stop_signal_before_the_first_checkpoint_ends_the_run_with_its_line(tmp_path, meld_dir, code, status,
+                                                                              stopped):
+    log = tmp_path / "run"
+    done = run_script(code, ["--data-dir", str(meld_dir), "--log-dir", str(log), *FAST, "--epochs", "2"])
+    line = f"{stopped} in the first epoch: nothing saved to continue from; remove {log} before reusing it"
+    assert (done.returncode, done.stderr) == (status, line + "\n")
+    assert (log / "train.log").read_text().splitlines()[-1] == line
+    assert records(log) == [] and not (log / "last.pt").exists()
+
+
 def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, meld_dir):
     log = tmp_path / "run"
     cmd = [sys.executable, "-u", str(REPO / "run" / "train_OGM_Shapley_MMPareto_MELD.py"), "--data-dir",

@@ -305,12 +305,13 @@ def test_testing_mode_reproduces_the_checkpoint_predictions(capsys, tmp_path, me
                                          "--data-dir", str(meld_dir), "--log-dir", str(test_dir), *FAST])
     assert status == 0, err
     result = json.loads((test_dir / "test_metrics.json").read_text())
-    assert set(result) == {"acc", "weighted_f1", "macro_f1", "micro_f1", "n_utterances", "predictions",
+    assert set(result) == {"loss", "acc", "weighted_f1", "macro_f1", "micro_f1", "n_utterances", "predictions",
                            "unimodal", "coalition_acc", "shapley", "per_class_f1"}
     data = load_conversations("MELD", meld_dir)
     assert result["n_utterances"] == len(result["predictions"]) == data.utterances("test")
     record = json.loads((train_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert result["weighted_f1"] == record["test"]["weighted_f1"]   # the same predictions; JSON keeps a float exactly
+    assert result["loss"] == record["test"]["loss"]
     assert f"weighted F1 {result['weighted_f1']:.2f}" in out
     first = f"MELD: test {len(data.splits['test'])} dialogues (from {meld_dir.resolve()}); on cpu; log dir {test_dir}"
     assert out.splitlines()[0] == (test_dir / "train.log").read_text().splitlines()[0] == first

@@ -11,6 +11,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _held = 0                       # depth of the stop_signals_held blocks being run
 _pending: int | None = None     # the first stop signal that arrived while they ran
+_received: int | None = None    # the first stop signal raised: a library's bare `except:` may swallow it
 
 
 class Stopped(KeyboardInterrupt):
@@ -22,11 +23,19 @@ class Stopped(KeyboardInterrupt):
 
 
 def _on_signal(signum: int, frame) -> None:
-    global _pending
+    global _pending, _received
     if _held:
         _pending = _pending or signum
     else:
+        _received = _received or signum
         raise Stopped(signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise Stopped if a stop signal was raised and something swallowed it (some imports run
+    code under a bare `except:`), so that the run stops at the next check all the same."""
+    if _received is not None:
+        raise Stopped(_received)
 
 
 @contextmanager
@@ -34,9 +43,11 @@ def stop_signals_raise() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise Stopped (SIGTERM would otherwise end the process
     at once: no message, no closing line in train.log). Python sets handlers in its main thread
     only; elsewhere nothing changes."""
+    global _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _received = None
     previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
     try:
         yield

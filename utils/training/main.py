@@ -27,7 +27,7 @@ from utils.errors import UserError
 from utils.training.losses import inverse_prior_weights, multimodal_loss
 from utils.files import equal_as_json, write_json
 from utils.training.runlog import METRICS_FILE, RunLog, check_not_in_use, read_records
-from utils.signals import stop_signals_raise
+from utils.signals import raise_if_stopped, stop_signals_raise
 from utils.training.trainer import Trainer, TrainerSettings, TrainingDiverged, evaluate
 
 
@@ -242,15 +242,17 @@ def train(args: argparse.Namespace, given: set[str]) -> None:
     elif holds_run:
         raise UserError(f"--log-dir {log_dir} already holds a run: add --resume to continue it, or pick another folder")
     data, loaders, model, loss_mm, device, log = setup(args)
-    log.metrics_path.touch()     # marks the folder as a run's from its first epoch on (see above)
-    log.line("flags: " + as_command_line(args))
-    step = build_step(args, model, loss_mm)
-    scheduler = torch.optim.lr_scheduler.StepLR(step.optimizer, step_size=args.lr_decay_step,
-                                                gamma=args.lr_decay_ratio)
-    settings = TrainerSettings(dataset=args.Dataset, epochs=args.epochs, seed=args.seed, flags=vars(args))
-    trainer = Trainer(settings, model, step, scheduler, loaders, loss_mm, device, log, list(data.class_names))
     with log:
         try:
+            log.metrics_path.touch()     # marks the folder as a run's from its first epoch on (see above)
+            log.line("flags: " + as_command_line(args))
+            step = build_step(args, model, loss_mm)
+            scheduler = torch.optim.lr_scheduler.StepLR(step.optimizer, step_size=args.lr_decay_step,
+                                                        gamma=args.lr_decay_ratio)
+            settings = TrainerSettings(dataset=args.Dataset, epochs=args.epochs, seed=args.seed, flags=vars(args))
+            trainer = Trainer(settings, model, step, scheduler, loaders, loss_mm, device, log,
+                              list(data.class_names))
+            raise_if_stopped()
             if resume_from is not None:
                 trainer.resume(resume_from, log.dir / "last.pt")
             trainer.fit()
@@ -343,7 +345,7 @@ def _write_test_metrics(args: argparse.Namespace, loaders: dict, model: M3Net, l
     if not math.isfinite(result["loss"]):
         raise UserError(f"checkpoint {args.checkpoint}: its test loss on this data is NaN/Inf, so its predictions are "
                         f"not a model's; {log.dir / 'test_metrics.json'} not written")
-    metrics = {k: result[k] for k in ("acc", "weighted_f1", "macro_f1", "micro_f1", "per_class_f1", "unimodal",
+    metrics = {k: result[k] for k in ("loss", "acc", "weighted_f1", "macro_f1", "micro_f1", "per_class_f1", "unimodal",
                                       "coalition_acc", "shapley")}
     metrics["n_utterances"] = int(result["labels"].size)
     metrics["predictions"] = result["preds"].astype(int).tolist()

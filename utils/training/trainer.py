@@ -25,7 +25,7 @@ from utils.training.metrics import classification_metrics, modality_diagnostics,
 from utils.files import write_json
 from utils.training.runlog import METRICS_FILE, RunLog
 from utils.dgs.shapley import coalition_masks
-from utils.signals import stop_signals_held
+from utils.signals import raise_if_stopped, stop_signals_held
 
 
 class TrainingDiverged(RuntimeError):
@@ -130,6 +130,7 @@ class Trainer:
         stats, log_probs, labels = EpochStats(), [], []
         for batch in _progress(self.loaders["train"], f"epoch {epoch}"):
             step_stats = self.step(batch.to(self.device, non_blocking=True), modulation_on)
+            raise_if_stopped()
             for notice in self.step.take_notices():      # CUDA graphs that went back to eager, once each
                 self.log.line(notice)
             stats.add(step_stats)
