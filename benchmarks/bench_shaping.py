@@ -26,9 +26,9 @@ from benchmarks.bench_train import checked_device, sync  # noqa: E402
 from dataloader.datasets import DATASETS, VISUAL_DIM  # noqa: E402
 from model.m3net import M3Net, ModelConfig  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
-from utils.dgs.step import DGSSettings, DGSStep, make_optimizer  # noqa: E402
 from utils.dgs.noise import standard_normal_like  # noqa: E402
 from utils.dgs.shaping import shape_group_flat  # noqa: E402
+from utils.dgs.step import DGSSettings, DGSStep, make_optimizer  # noqa: E402
 
 
 def timed_ms(fn, device: torch.device, repeats: int) -> tuple[float, float]:

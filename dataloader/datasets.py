@@ -20,6 +20,8 @@ TEXT_LAYERS = 4
 TEXT_DIM = 1024
 VISUAL_DIM = 342
 SPLITS = ("train", "test")
+# The modalities by their letters in --modals.
+MODALITY_NAMES = {"l": "text", "a": "audio", "v": "visual"}
 # Far above any real feature (RoBERTa activations, openSMILE descriptors in Hz or frames) yet
 # small enough that squares summed over the widest layer stay far below float32's maximum.
 MAX_FEATURE_MAGNITUDE = 1e6

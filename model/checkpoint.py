@@ -33,15 +33,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
-    if not _looks_like_torch_file(path):
+    kind = _torch_file_kind(path)
+    if kind is None:
         raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint (neither torch.save's zip "
                               f"format nor a pickle)")
-    _check_zip_records(path)
+    if kind == "zip":
+        _check_zip_records(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, a pickle of arbitrary objects
-        first = first_line(e)
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({first})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({first_line(e)})") from None
     if isinstance(payload, dict) and "model" in payload and isinstance(payload["model"], dict):
         return payload
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
@@ -53,26 +54,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def _check_zip_records(path: Path) -> None:
     """torch's zip reader does not check the CRC-32 of each record, so a checkpoint with flipped
     bytes would load as wrong weights: check them here (a pickle-format one has none to check)."""
-    with open(path, "rb") as f:
-        if f.read(2) != b"PK":
-            return
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except Exception as e:  # a truncated archive, a damaged directory or record header
-        first = first_line(e)
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({first})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({first_line(e)})") from None
     if damaged is not None:
         raise CheckpointError(f"checkpoint {path}: damaged (the bytes of its record {damaged} do not match their "
                               f"CRC-32): it would load as wrong weights")
 
 
-def _looks_like_torch_file(path: Path) -> bool:
-    """torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a pickle, whose
-    first byte is the PROTO opcode 0x80."""
+def _torch_file_kind(path: Path) -> str | None:
+    """"zip" or "pickle": torch.save writes a zip archive (torch >= 1.6) or, in the legacy format,
+    a pickle, whose first byte is the PROTO opcode 0x80; None for anything else."""
     with open(path, "rb") as f:
         head = f.read(4)
-    return head.startswith(b"PK") or head[:1] == b"\x80"
+    if head.startswith(b"PK"):
+        return "zip"
+    return "pickle" if head[:1] == b"\x80" else None
 
 
 def _flags_of_state(state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -119,17 +118,15 @@ def load_model_state(model: M3Net, state: dict[str, torch.Tensor]) -> list[str]:
     read = {k: v for k, v in state.items() if not IGNORED_KEY.match(k)}
     if not read:
         raise CheckpointError(f"checkpoint holds no weights M3Net reads: only keys its forward never reads "
-                              f"({', '.join(list(state)[:3])}{' ...' if len(state) > 3 else ''}): it is not a "
-                              f"trained model")
-    odd = next((k for k, v in read.items() if not isinstance(v, torch.Tensor)), None)
+                              f"({_first_keys(state)}): it is not a trained model")
+    state = read
+    odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if odd is not None:
         raise CheckpointError(f"checkpoint is not a state_dict: its entry {odd!r} is not a tensor "
-                              f"({type(read[odd]).__name__})")
-    state = read
+                              f"({type(state[odd]).__name__})")
     if not set(state) & set(own):
-        raise CheckpointError(f"checkpoint does not fit the model: none of its keys ({', '.join(list(state)[:3])}"
-                              f"{' ...' if len(state) > 3 else ''}) is one of M3Net's: it is not a checkpoint of "
-                              f"this model")
+        raise CheckpointError(f"checkpoint does not fit the model: none of its keys ({_first_keys(state)}) is one "
+                              f"of M3Net's: it is not a checkpoint of this model")
     missing = [k for k in own if k not in state and not HEAD_KEY.match(k)]
     unexpected = [k for k in state if k not in own]
     misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
@@ -147,6 +144,11 @@ def load_model_state(model: M3Net, state: dict[str, torch.Tensor]) -> list[str]:
     fresh = [k for k in own if k not in state]
     model.load_state_dict(state, strict=False)
     return fresh
+
+
+def _first_keys(state: dict[str, Any]) -> str:
+    """The first three keys of a state_dict, for a message ("..." when there are more)."""
+    return ", ".join(list(state)[:3]) + (" ..." if len(state) > 3 else "")
 
 
 def save_atomic(obj: Any, path: str | Path, also: str | Path | None = None) -> None:

@@ -3,7 +3,8 @@ input shape.
 
 Why: on the GPU a training step is bound by the host, not the arithmetic. cuDNN's GRU launches
 the kernels of every time step of every layer and direction one by one, and a DGS step runs
-two backwards through it: about a third of the step's host time at MELD's lengths. Replaying a captured graph is one launch.
+two backwards through it: about a third of the step's host time at MELD's lengths. Replaying a
+captured graph is one launch.
 
 Shapes: the input is the padded batch [T, B, D], T the batch's longest dialogue (the reverse
 direction reads the padded steps, as in the reference, so T cannot be rounded up). A dataset

@@ -22,7 +22,11 @@ from dataloader.synthetic import check_size, estimated_bytes, generate
 from model.checkpoint import CheckpointError, load_model_state, read_checkpoint
 from model.m3net import M3Net, ModelConfig
 from utils.errors import UserError
-from utils.training import main as entry
+
+try:
+    from tests.entry_point import run_entry
+except ImportError:  # tests/ on sys.path instead of the repo root
+    from entry_point import run_entry
 
 REPO = Path(__file__).resolve().parents[1]
 IEMOCAP = DATASETS["IEMOCAP"]
@@ -31,12 +35,8 @@ TRAIN_DEFAULTS = dict(seed=1475, use_modal=True, pareto_gamma=0.2, epochs=2)
 
 def run_main(capsys, argv: list[str]) -> tuple[int, str]:
     """The IEMOCAP training entry point in-process; returns (exit status, stderr)."""
-    status = 0
-    try:
-        entry.main("IEMOCAP", TRAIN_DEFAULTS, argv)
-    except SystemExit as e:
-        status = e.code
-    return status, capsys.readouterr().err
+    status, _, err = run_entry(capsys, "IEMOCAP", TRAIN_DEFAULTS, argv)
+    return status, err
 
 
 def _inside(path: object, folder: Path) -> bool:

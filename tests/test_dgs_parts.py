@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
+from utils.dgs import shaping_graph
 import utils.dgs.noise as noise_module
-from utils.dgs.ogm import modulate, ogm_coefficients
 from utils.dgs.noise import CHUNK, standard_normal_like
+from utils.dgs.ogm import modulate, ogm_coefficients
 from utils.dgs.pareto import _cosine, _min_norm_weight, pareto_combine
 from utils.dgs.segments import _scale_segments_batched_, scale_segments_, segment_norms, segment_stds
-from utils.dgs import shaping_graph
 from utils.dgs.shaping import shape_group_flat, shape_group_per_tensor, shape_groups
 from utils.dgs.shaping_graph import ShapingGraphs
 from utils.dgs.shapley import coalition_masks, shapley_matrix, shapley_values, true_label_probs

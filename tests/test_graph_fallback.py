@@ -15,9 +15,9 @@ from model.cuda_graphs import graphed_or_eager, layered_rnn, take_fallback_notic
 from model.m3net import M3Net, ModelConfig
 from utils.cuda_capture import UNIT_ROUNDOFF, capturing, rounding_error_bound
 from utils.dgs import shaping_graph
-from utils.dgs.step import DGSSettings, DGSStep
 from utils.dgs.shaping import shape_groups
 from utils.dgs.shaping_graph import ShapingGraphs
+from utils.dgs.step import DGSSettings, DGSStep
 
 U = UNIT_ROUNDOFF
 SIZES = [[30, 1, 20], [40, 7]]          # two encoder groups of a few tensors each

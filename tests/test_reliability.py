@@ -16,10 +16,15 @@ import torch
 
 from model import checkpoint
 from model.checkpoint import CheckpointError, read_checkpoint
-from utils.training import main as entry
 from utils import files
 from utils.files import write_json
+from utils.training import main as entry
 from utils.training.runlog import RunLog
+
+try:
+    from tests.entry_point import run_entry
+except ImportError:  # tests/ on sys.path instead of the repo root
+    from entry_point import run_entry
 
 REPO = Path(__file__).resolve().parents[1]
 MELD_DEFAULTS = dict(seed=67137, pareto_gamma=1.0)
@@ -28,13 +33,7 @@ FAST = ["--batch-size", "4", "--no-cuda"]
 
 def run_main(capsys, argv):
     """The MELD entry point in-process; returns (exit status, stdout, stderr)."""
-    status = 0
-    try:
-        entry.main("MELD", MELD_DEFAULTS, argv)
-    except SystemExit as e:
-        status = e.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
+    return run_entry(capsys, "MELD", MELD_DEFAULTS, argv)
 
 
 def run_script(code: str, argv: list[str]) -> subprocess.CompletedProcess:

@@ -18,8 +18,10 @@ from utils.dgs.step import DGSSettings, DGSStep, make_optimizer
 
 try:
     from tests import reference_m3net as ref
+    from tests.entry_point import run_entry
 except ImportError:  # tests/ on sys.path instead of the repo root
     import reference_m3net as ref
+    from entry_point import run_entry
 
 C, S, DA, DV = 5, 3, 8, 6
 MELD_DEFAULTS = dict(seed=67137, pareto_gamma=1.0, epochs=1)
@@ -158,13 +160,7 @@ def test_dgs_steps_leave_linear_l_untouched(meld_batch, settings, norm):
 
 
 def run_main(capsys, argv):
-    status = 0
-    try:
-        entry.main("MELD", MELD_DEFAULTS, argv)
-    except SystemExit as e:
-        status = e.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
+    return run_entry(capsys, "MELD", MELD_DEFAULTS, argv)
 
 
 def test_a_no_text_linear_run_keeps_linear_l_and_its_checkpoint_needs_the_flag(capsys, tmp_path, meld_dir):

@@ -15,18 +15,19 @@ from dataloader.loaders import make_loaders
 from model import M3Net, ModelConfig
 from model import graph, m3net, rnn
 from utils.dgs import step as dgs
+from utils.dgs.ogm import ogm_coefficients
+from utils.dgs.step import DGSSettings, DGSStep, modality_scores, unimodal_losses, utterance_labels
 from utils.training import main as entry
 from utils.training.config import as_command_line
-from utils.dgs.step import DGSSettings, DGSStep, modality_scores, utterance_labels
-from utils.dgs.step import unimodal_losses
-from utils.dgs.ogm import ogm_coefficients
 from utils.training.runlog import RunLog
 from utils.training.trainer import EpochStats, evaluate
 
 try:
+    from tests.entry_point import run_entry
     from tests.reference_shaping import cosine_reference, shaping_reference
     from tests.tolerance import assert_within, float64_error, rounded, summation_gamma
 except ImportError:  # tests/ on sys.path instead of the repo root
+    from entry_point import run_entry
     from reference_shaping import cosine_reference, shaping_reference
     from tolerance import assert_within, float64_error, rounded, summation_gamma
 
@@ -37,14 +38,8 @@ FAST = ["--batch-size", "4", "--no-cuda"]
 
 
 def run_main(capsys, argv, dataset="MELD"):
-    """Call the entry point in-process (MELD: short dialogues, fast); returns (exit status, stdout, stderr)."""
-    status = 0
-    try:
-        entry.main(dataset, DEFAULTS[dataset], argv)
-    except SystemExit as e:
-        status = e.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
+    """The entry point in-process (MELD: short dialogues, fast); returns (exit status, stdout, stderr)."""
+    return run_entry(capsys, dataset, DEFAULTS[dataset], argv)
 
 
 # ------------------------------------------------------------------ the step

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from utils.dgs.ogm import modulate
 from utils.dgs.noise import standard_normal_
+from utils.dgs.ogm import modulate
 from utils.dgs.pareto import magnitude_factors, pareto_combine, pareto_weight
 
 

@@ -2,9 +2,10 @@
 
 Why: on the GPU a step is bound by the host (docs/performance.md). The flat shaping
 (`utils/dgs/shaping.py: shape_flat`) of M3Net's three encoder groups launches about 180 small
-kernels, whose host time is a sizeable share of a MELD step for little GPU work. Its shapes are the parameters', the same at every step, so it is
-captured once and replayed: the step then copies the gradients into the graph's inputs (one
-concatenation each for g_mm and g_u) and launches the graph.
+kernels, whose host time is a sizeable share of a MELD step for little GPU work. Its shapes are
+the parameters', the same at every step, so it is captured once and replayed: the step then
+copies the gradients into the graph's inputs (one concatenation each for g_mm and g_u) and
+launches the graph.
 
 - One graph per kind of call: with or without g_u (MMPareto), with or without κ (OGM, off
   outside the modulation epochs). They are captured on one side stream into one memory pool,

@@ -17,17 +17,17 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
+from dataloader.datasets import MODALITY_NAMES
 from utils.errors import UserError
 from utils.files import atomic_path
+from utils.training.figures import new_figure, save_figure
 from utils.training.runlog import METRICS_FILE
 
 HEADLINE = (("weighted_f1", "weighted F1"), ("acc", "acc"), ("macro_f1", "macro F1"))
-MODALITY_NAMES = {"l": "text", "a": "audio", "v": "visual"}
 CURVE_SPLITS = ("valid", "test")
 CONFIDENCE = 0.95
 BASELINES = ("joint", "plain")        # the default baseline: the first of these that was swept
@@ -213,17 +213,6 @@ def paired_section(by_group: list[tuple[tuple, pd.DataFrame]], keys: list[str], 
 
 
 # ---------------------------------------------------------------------- the plots
-def _figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def save_figure(figure: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-
-
 def label_of(key: tuple, keys: list[str]) -> str:
     return " ".join([key[0], *(f"{name}={value}" for name, value in zip(keys[1:], key[1:]))])
 
@@ -231,7 +220,7 @@ def label_of(key: tuple, keys: list[str]) -> str:
 def bars_figure(by_group: list[tuple[tuple, pd.DataFrame]], keys: list[str], columns: Sequence[tuple[str, str]],
                 ylabel: str, title: str) -> Figure:
     """Grouped bars: per method and grid point, the mean of each column, the std as error bar."""
-    figure = _figure(max(6.0, 1.2 * len(by_group) * len(columns) / 2 + 2), 4.2)
+    figure = new_figure(max(6.0, 1.2 * len(by_group) * len(columns) / 2 + 2), 4.2)
     ax = figure.subplots()
     width = 0.8 / len(columns)
     x = np.arange(len(by_group))
@@ -250,7 +239,7 @@ def bars_figure(by_group: list[tuple[tuple, pd.DataFrame]], keys: list[str], col
 def curves_figure(curves: pd.DataFrame, keys: list[str], order: list[tuple]) -> Figure:
     """Weighted F1 over epochs per method and grid point: the mean over seeds, ± std as a band."""
     splits = [s for s in CURVE_SPLITS if s in set(curves["split"])]
-    figure = _figure(6.0 * len(splits), 4.2)
+    figure = new_figure(6.0 * len(splits), 4.2)
     for ax, split in zip(np.atleast_1d(figure.subplots(1, len(splits))), splits):
         rows = curves[curves["split"] == split]
         by_key = {tuple(str(v) for v in key): part for key, part in rows.groupby(keys, sort=False)}

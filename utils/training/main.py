@@ -19,15 +19,15 @@ from dataloader.loaders import make_loaders
 from model.checkpoint import load_model_state, read_checkpoint
 from model.graph import GraphCapacityError, check_capacity
 from model.m3net import M3Net, ModelConfig
-from utils.training.config import (ARCHITECTURE_FLAGS, UNSEEN_IN_KEYS, architecture_differences, as_command_line, flag_default,
-                          flag_name, given_flags, parse_args)
 from utils.cpu_memory import keep_freed_memory
 from utils.dgs.step import DGSSettings, DGSStep, make_optimizer
 from utils.errors import UserError
-from utils.training.losses import inverse_prior_weights, multimodal_loss
 from utils.files import equal_as_json, write_json
-from utils.training.runlog import METRICS_FILE, RunLog, check_not_in_use, read_records
 from utils.signals import raise_if_stopped, stop_signals_raise
+from utils.training.config import (ARCHITECTURE_FLAGS, UNSEEN_IN_KEYS, architecture_differences, as_command_line,
+                                   flag_default, flag_name, given_flags, parse_args)
+from utils.training.losses import inverse_prior_weights, multimodal_loss
+from utils.training.runlog import METRICS_FILE, RunLog, check_not_in_use, read_records
 from utils.training.trainer import Trainer, TrainerSettings, TrainingDiverged, evaluate
 
 

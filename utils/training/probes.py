@@ -26,9 +26,9 @@ from dataloader.datasets import find_data_dir, load_conversations
 from dataloader.loaders import make_loaders
 from model.checkpoint import read_checkpoint
 from model.m3net import M3Net
-from utils.training.config import build_parser
 from utils.dgs.step import utterance_labels
 from utils.errors import UserError, first_line
+from utils.training.config import build_parser
 from utils.training.main import build_model, pick_device
 
 # Fixed so that a probe is a function of the checkpoint and the data alone. C: 1024 features

@@ -23,23 +23,22 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix
 
-from dataloader.datasets import DATASETS, DataError
+from dataloader.datasets import DATASETS, MODALITY_NAMES, DataError
 from model.checkpoint import read_checkpoint
 from utils.errors import OneLineParser, UserError
 from utils.files import atomic_path, write_json
-from utils.training.runlog import METRICS_FILE
+from utils.training.figures import new_figure, save_figure
 from utils.training.probes import ProbeResult, linear_probes
+from utils.training.runlog import METRICS_FILE
 
 SPLITS = ("train", "valid", "test")
 EVALUATED = ("valid", "test")
 SPLIT_LINES = {"train": ":", "valid": "--", "test": "-"}
 SPLIT_COLOURS = {"train": "tab:gray", "valid": "tab:orange", "test": "tab:blue"}
-MODALITY_NAMES = {"l": "text", "a": "audio", "v": "visual"}
 # How training words its selection rule (summary.json's "selected_by"), by the split it selects on.
 SELECTED_BY = {"valid": "best validation weighted F1 (--valid)",
                "test": "best test weighted F1 (the reference protocol; no validation split)"}
@@ -210,17 +209,6 @@ def run_names(folders: Sequence[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- plots
-def _figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def save_figure(figure: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-
-
 def _run_colour(index: int) -> str:
     return f"C{index % 10}"
 
@@ -231,7 +219,7 @@ def _not_logged(ax) -> None:
 
 
 def curves_figure(runs: Sequence[Run]) -> Figure:
-    figure = _figure(12, 4.5)
+    figure = new_figure(12, 4.5)
     panels = figure.subplots(1, 2)
     several = len(runs) > 1
     for ax, metric, title in zip(panels, ("loss", "weighted_f1"), ("loss (L_mm)", "weighted F1 (%)")):
@@ -275,7 +263,7 @@ def all_modalities(runs: Sequence[Run]) -> str:
 
 def modalities_figure(runs: Sequence[Run]) -> Figure:
     modalities = all_modalities(runs)
-    figure = _figure(4.2 * len(modalities) + 1, 2.6 * len(MODALITY_ROWS))
+    figure = new_figure(4.2 * len(modalities) + 1, 2.6 * len(MODALITY_ROWS))
     grid = np.array(figure.subplots(len(MODALITY_ROWS), len(modalities), sharex=True, squeeze=False))
     several = len(runs) > 1
     for row, (title, lines) in enumerate(MODALITY_ROWS):
@@ -319,7 +307,7 @@ def normalised_rows(counts: np.ndarray) -> np.ndarray:
 
 def confusion_figure(runs: Sequence[Run]) -> Figure:
     """The test confusion matrices of `runs` (each has one) side by side."""
-    figure = _figure(5.5 * len(runs), 5.2)
+    figure = new_figure(5.5 * len(runs), 5.2)
     for ax, run in zip(np.atleast_1d(figure.subplots(1, len(runs))), runs):
         shares, names = normalised_rows(run.confusion), run.class_names
         image = ax.imshow(shares, vmin=0, vmax=1, cmap="Blues")

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from dataloader.datasets import DATASETS, DataError, data_files, find_data_dir
-from utils.training.config import METHODS, NO_EFFECT, as_command_line, build_parser, check_args, flag_name
 from utils.errors import OneLineParser, UserError
 from utils.files import write_json
-from utils.training.runlog import METRICS_FILE, check_not_in_use
 from utils.training.aggregate import aggregate, default_baseline
+from utils.training.config import METHODS, NO_EFFECT, as_command_line, build_parser, check_args, flag_name
+from utils.training.runlog import METRICS_FILE, check_not_in_use
 from utils.training.workers import (Job, Outcome, StopSignals, plural, run_local, run_on_ray, threads_per_run,
                                     usable_cores)
 

@@ -19,13 +19,13 @@ from tqdm import tqdm
 from dataloader.datasets import DATASETS
 from model.checkpoint import link_atomic, save_atomic
 from model.m3net import M3Net
+from utils.dgs.shapley import coalition_masks
 from utils.dgs.step import DGSStep, utterance_labels
 from utils.errors import UserError
-from utils.training.metrics import classification_metrics, modality_diagnostics, report
 from utils.files import write_json
-from utils.training.runlog import METRICS_FILE, RunLog
-from utils.dgs.shapley import coalition_masks
 from utils.signals import raise_if_stopped, stop_signals_held
+from utils.training.metrics import classification_metrics, modality_diagnostics, report
+from utils.training.runlog import METRICS_FILE, RunLog
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,7 +62,8 @@ def evaluate(model: M3Net, loader: DataLoader, loss_mm: nn.Module, device: torch
             coalition_preds.append(model.coalition_log_probs(out, coalitions).argmax(-1))
     log_probs, labels = torch.cat(log_probs), torch.cat(labels)
     preds_np, labels_np = log_probs.argmax(-1).cpu().numpy(), labels.cpu().numpy()
-    result = {"loss": float(loss_mm(log_probs, labels)), **classification_metrics(labels_np, preds_np, info.micro_f1_classes)}
+    result = {"loss": float(loss_mm(log_probs, labels)),
+              **classification_metrics(labels_np, preds_np, info.micro_f1_classes)}
     if diagnostics:
         result.update(modality_diagnostics(
             labels_np, preds_np, {m: torch.cat(p).cpu().numpy() for m, p in unimodal.items()},
@@ -121,10 +122,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        args = self.settings
+        s = self.settings
         # Seed per epoch: a resumed run replays exactly the epochs an uninterrupted one would.
-        torch.manual_seed(args.seed * 100003 + epoch)
-        self.loaders["train"].generator.manual_seed(args.seed * 100003 + epoch)
+        torch.manual_seed(s.seed * 100003 + epoch)
+        self.loaders["train"].generator.manual_seed(s.seed * 100003 + epoch)
         modulation_on = self.step.settings.modulates(epoch)
         self.model.train()
         stats, log_probs, labels = EpochStats(), [], []
@@ -138,11 +139,12 @@ class Trainer:
             labels.append(step_stats["labels"])
         bad = stats.first_bad_step()
         if bad is not None:
-            raise TrainingDiverged(f"the loss became NaN/Inf at epoch {epoch + 1}/{args.epochs} (epoch {epoch} in "
+            raise TrainingDiverged(f"the loss became NaN/Inf at epoch {epoch + 1}/{s.epochs} (epoch {epoch} in "
                                    f"{METRICS_FILE}), step {bad + 1}/{len(labels)}; {self._kept()}")
         means = stats.means()
         preds_np, labels_np = torch.cat(log_probs).argmax(-1).cpu().numpy(), torch.cat(labels).cpu().numpy()
-        train = {"loss": float(means["loss_mm"]), **classification_metrics(labels_np, preds_np, DATASETS[args.dataset].micro_f1_classes)}
+        micro_f1_classes = DATASETS[s.dataset].micro_f1_classes
+        train = {"loss": float(means["loss_mm"]), **classification_metrics(labels_np, preds_np, micro_f1_classes)}
         return train, means
 
     def _kept(self) -> str:
@@ -161,17 +163,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
-        args = self.settings
-        for epoch in range(self.start_epoch, args.epochs):
+        s = self.settings
+        for epoch in range(self.start_epoch, s.epochs):
             started = time.perf_counter()
             lr = self.step.optimizer.param_groups[0]["lr"]
             train, means = self.train_epoch(epoch)
             self.scheduler.step()
-            results = {name: evaluate(self.model, self.loaders[name], self.loss_mm, self.device, args.dataset)
+            results = {name: evaluate(self.model, self.loaders[name], self.loss_mm, self.device, s.dataset)
                        for name in self.loaders if name != "train"}
             for name, result in results.items():
                 if not math.isfinite(result["loss"]):
-                    raise TrainingDiverged(f"the {name} loss became NaN/Inf at epoch {epoch + 1}/{args.epochs} "
+                    raise TrainingDiverged(f"the {name} loss became NaN/Inf at epoch {epoch + 1}/{s.epochs} "
                                            f"(epoch {epoch} in {METRICS_FILE}), evaluated after its training; "
                                            f"{self._kept()}")
             elapsed = time.perf_counter() - started
